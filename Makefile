@@ -1,0 +1,32 @@
+# Two commands do all the set-up:  `make train`  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+DATA_DIR ?= data
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/seed-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: train test lint venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -e ".[dev,plots]"
+	touch $@
+
+# Train the seed recipe on CIFAR-10 (downloaded into DATA_DIR when missing) and report test accuracy.
+train: venv
+	$(BIN)/miniresnet train --preset seed --data-dir $(DATA_DIR) --out $(RUN_DIR)
+
+# The test suite, then the linter. Real-data tests read MINIRESNET_CIFAR10 and skip without it.
+test: venv
+	$(BIN)/python -m pytest
+	$(BIN)/ruff check .
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,54 @@
+"""Pure tensor functions for augmentation and normalisation, applied to whole batches at once:
+no per-image Python, so the data path costs next to nothing beside the model."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std on the [0, 1] scale, exact, from a 256-bin histogram of the uint8
+    pixels (no float copy of the whole data set)."""
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1).cpu().long(), minlength=256).double()
+        mean = (counts * values).sum() / counts.sum()
+        var = (counts * (values - mean) ** 2).sum() / counts.sum()
+        means.append(mean)
+        stds.append(var.sqrt())
+    return torch.stack(means).float(), torch.stack(stds).float()
+
+
+def pad(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Zero-pad uint8 images on every side, once, so each batch only has to pick its crops.
+    Zeros are black pixels, as in torchvision's RandomCrop(padding=4)."""
+    return F.pad(images, (padding,) * 4) if padding else images
+
+
+def random_crop_flip(
+    padded: torch.Tensor, size: int, flip: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Each image gets its own random size x size window of `padded` and, with `flip`, a coin
+    toss for a horizontal mirror; both are one gather with per-image row and column indices."""
+    n, c, h, w = padded.shape
+    dy = torch.randint(0, h - size + 1, (n,), generator=generator)
+    dx = torch.randint(0, w - size + 1, (n,), generator=generator)
+    offsets = torch.arange(size)
+    rows = dy[:, None] + offsets
+    cols = dx[:, None] + offsets
+    if flip:
+        mirrored = torch.rand(n, generator=generator) < 0.5
+        cols = torch.where(mirrored[:, None], cols.flip(1), cols)
+    rows, cols = rows.to(padded.device), cols.to(padded.device)
+    index_n = torch.arange(n, device=padded.device)[:, None, None, None]
+    index_c = torch.arange(c, device=padded.device)[None, :, None, None]
+    return padded[index_n, index_c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 (x/255 - mean) / std, per channel, as one multiply-add."""
+    scale = (1 / (255 * std)).to(images.device).view(1, -1, 1, 1)
+    shift = (mean / std).to(images.device).view(1, -1, 1, 1)
+    return images.float().mul_(scale).sub_(shift)

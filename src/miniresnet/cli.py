@@ -1,0 +1,139 @@
+"""`miniresnet` command line: each subcommand parses, calls one function, prints the result.
+
+The train options are generated from TrainConfig's fields, so the CLI and the config cannot drift
+apart: `--batch-size` is `batch_size`, `--no-flip` sets `flip=False`, and so on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from . import __version__
+from .config import PRESETS, TrainConfig
+from .errors import MiniResNetError
+
+FLAG_ALIASES = {"out_dir": ["--out"]}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field; defaults are left to the preset (None = not given)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}
+        help_text = f"{f.metadata['help']} (seed preset: {getattr(PRESETS['seed'], f.name)!r})"
+        if kind is bool:
+            parser.add_argument(flag, *FLAG_ALIASES.get(f.name, []), dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)  # fmt: skip
+        else:
+            scalar = int if typing.get_origin(kind) is tuple else kind
+            parser.add_argument(flag, *FLAG_ALIASES.get(f.name, []), dest=f.name, default=None,
+                                type=scalar, help=help_text, **extra)  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    return dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    summary = train(config_from_args(args))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .data import CLASSES, load_cifar10
+    from .evaluate import evaluate
+    from .runtime import autocast_dtype, resolve_device, set_threads
+
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    model = load_model(args.checkpoint, device).to(memory_format=torch.channels_last)
+    data = load_cifar10(args.data_dir, verify=args.verify_data)
+    result = evaluate(model, data.test_images, data.test_labels, model.mean, model.std,
+                      batch_size=args.batch_size, device=device,
+                      dtype=autocast_dtype(args.precision, device))  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"test accuracy {result['accuracy']:.4f} on {result['n']:,} images (loss {result['loss']:.4f})\n")
+    print(f"{'class':<12}{'accuracy':>9}")
+    for name, acc in result["per_class"].items():
+        print(f"{name:<12}{acc:>9.4f}")
+    print("\nconfusion matrix (rows: true class, columns: predicted)")
+    print(" " * 12 + "".join(f"{c[:5]:>6}" for c in CLASSES))
+    for name, row in zip(CLASSES, result["confusion"], strict=True):
+        print(f"{name:<12}" + "".join(f"{v:>6}" for v in row))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data import download_cifar10
+
+    path = download_cifar10(args.data_dir, url=args.url, progress=not args.quiet)
+    print(f"CIFAR-10 is ready in {path}")
+    return 0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="miniresnet", description="Train and use a Mini-ResNet on CIFAR-10.")
+    parser.add_argument("--version", action="version", version=f"miniresnet {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model; last stdout line is a JSON summary")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="seed", help="starting configuration")
+    add_config_arguments(train)
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix")
+    evaluate.add_argument("checkpoint", help="a .pt file written by `miniresnet train`")
+    evaluate.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-bin/")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    evaluate.add_argument("--batch-size", type=positive_int, default=1000)
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    evaluate.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+    evaluate.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=True,
+                          help="check the data files against their published MD5s")  # fmt: skip
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    download = commands.add_parser("download", help="fetch and verify the CIFAR-10 binary release")
+    download.add_argument("--data-dir", default="data", help="where cifar-10-batches-bin/ will be")
+    download.add_argument("--url", default=None, help="archive URL (default: the official one)")
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
+    download.set_defaults(run=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MiniResNetError as e:
+        print(f"miniresnet: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("miniresnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

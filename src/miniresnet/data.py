@@ -1,0 +1,290 @@
+"""CIFAR-10 from disk to uint8 tensors: download, checksums, safe extraction, and readers for the
+authors' binary format and the Python (pickle) format.
+
+Everything returns uint8 tensors of shape (N, 3, 32, 32) and int64 labels: the whole data set is
+180 MB, so it is read once and held in memory; augmentation happens later, on whole batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import MiniResNetError
+
+CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+ARCHIVE_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+BIN_DIR = "cifar-10-batches-bin"
+PY_DIR = "cifar-10-batches-py"
+TRAIN_FILES = {BIN_DIR: [f"data_batch_{i}.bin" for i in range(1, 6)], PY_DIR: [f"data_batch_{i}" for i in range(1, 6)]}
+TEST_FILES = {BIN_DIR: ["test_batch.bin"], PY_DIR: ["test_batch"]}
+# The published MD5 of each file of the official releases (binary and Python versions).
+FILE_MD5 = {
+    BIN_DIR: {
+        "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
+        "data_batch_2.bin": "5ea93a67294ea407fff1d09f752e9692",
+        "data_batch_3.bin": "942cd6a4bcdd0dd3c604fbe906cb4421",
+        "data_batch_4.bin": "ae636b3ba5c66a11e91e8cb52e771fcb",
+        "data_batch_5.bin": "53f37980c15c3d472c316c40844f3f0d",
+        "test_batch.bin": "803d5f7f4d78ea53de84dbe85f74fb6d",
+    },
+    PY_DIR: {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+    },
+}
+RECORD_BYTES = 1 + 3 * 32 * 32  # one label byte, then the red, green and blue planes
+
+
+@dataclass
+class Cifar10:
+    train_images: torch.Tensor  # uint8 (50000, 3, 32, 32)
+    train_labels: torch.Tensor  # int64 (50000,)
+    test_images: torch.Tensor  # uint8 (10000, 3, 32, 32)
+    test_labels: torch.Tensor  # int64 (10000,)
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fix_hint(data_dir: Path) -> str:
+    return f"delete it and run `miniresnet download --data-dir {data_dir}` to fetch a fresh copy"
+
+
+def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One file of the binary release: records of a label byte then 3,072 pixel bytes."""
+    raw = _read_bytes(path)
+    if len(raw) == 0 or len(raw) % RECORD_BYTES:
+        raise MiniResNetError(
+            f"{path}: {len(raw):,} bytes is not a whole number of {RECORD_BYTES:,}-byte records "
+            f"(an official batch file is 30,730,000 bytes); the file is truncated or not CIFAR-10: "
+            f"{_fix_hint(path.parent.parent)}"
+        )
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, RECORD_BYTES)
+    return _checked(path, records[:, 1:], records[:, 0])
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """The Python-format batches are pickles of a dict of bytes, lists and one numpy array.
+    Only the globals needed to rebuild such an array are admitted, so a crafted file cannot run
+    code the way plain `pickle.load` would let it."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 file")
+        if name == "encode":
+            import codecs
+
+            return codecs.encode
+        if name == "_reconstruct":
+            return _numpy_reconstruct()
+        return getattr(np, name)
+
+
+def _numpy_reconstruct():
+    """numpy moved `_reconstruct` from numpy.core to numpy._core in 2.0; find whichever exists."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One file of the Python release: a pickled dict with b'data' (N x 3072) and b'labels'."""
+    raw = _read_bytes(path)
+    try:
+        batch = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        data = batch[b"data"] if b"data" in batch else batch["data"]
+        labels = batch[b"labels"] if b"labels" in batch else batch["labels"]
+        data = np.asarray(data, dtype=np.uint8)
+        labels = np.asarray(labels, dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+            raise ValueError(f"data of shape {data.shape} with {len(labels)} labels")
+    except Exception as e:  # any malformed or hostile content ends up here
+        raise MiniResNetError(
+            f"{path}: not a valid CIFAR-10 Python batch ({type(e).__name__}: {e}); "
+            f"{_fix_hint(path.parent.parent)}"
+        ) from None
+    return _checked(path, data, labels)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise MiniResNetError(
+            f"{path} is missing; {_fix_hint(path.parent.parent).replace('delete it and ', '')}"
+        ) from None
+    except OSError as e:
+        raise MiniResNetError(f"{path}: cannot read it ({e})") from None
+
+
+def _checked(path: Path, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise MiniResNetError(
+            f"{path}: label {int(labels.max())} is outside 0-9; the file is corrupt: "
+            f"{_fix_hint(path.parent.parent)}"
+        )
+    return pixels.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def find_batches_dir(data_dir: Path) -> Path:
+    """The data directory holds cifar-10-batches-bin/ (preferred) or cifar-10-batches-py/."""
+    data_dir = Path(data_dir)
+    for name in (BIN_DIR, PY_DIR):
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    if data_dir.name in (BIN_DIR, PY_DIR) and data_dir.is_dir():
+        return data_dir
+    where = "does not exist" if not data_dir.exists() else f"has neither {BIN_DIR}/ nor {PY_DIR}/"
+    raise MiniResNetError(
+        f"no CIFAR-10 data in {data_dir}: it {where}. Point --data-dir at a directory that holds "
+        f"{BIN_DIR}/, or run `miniresnet download --data-dir {data_dir}`"
+    )
+
+
+def verify_files(batches_dir: Path, expected: dict[str, str] | None = None) -> None:
+    """Compare every file with its published MD5; the error names the file and both sums."""
+    expected = expected if expected is not None else FILE_MD5[batches_dir.name]
+    for name, md5 in expected.items():
+        path = batches_dir / name
+        if not path.is_file():
+            raise MiniResNetError(f"{path} is missing; {_fix_hint(batches_dir.parent).replace('delete it and ', '')}")
+        actual = md5sum(path)
+        if actual != md5:
+            raise MiniResNetError(
+                f"{path} is altered or corrupt: its MD5 is {actual}, the published one is {md5}; "
+                f"{_fix_hint(batches_dir.parent)}"
+            )
+
+
+def load_cifar10(data_dir: str | Path, verify: bool = True) -> Cifar10:
+    """Read the whole data set into memory. With `verify`, each file must match its published
+    checksum first (half a second); tests that build tiny stand-in files turn it off."""
+    batches_dir = find_batches_dir(Path(data_dir))
+    if verify:
+        verify_files(batches_dir)
+    read = read_binary_batch if batches_dir.name == BIN_DIR else read_python_batch
+
+    def read_all(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [read(batches_dir / name) for name in names]
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+
+    train_images, train_labels = read_all(TRAIN_FILES[batches_dir.name])
+    test_images, test_labels = read_all(TEST_FILES[batches_dir.name])
+    return Cifar10(train_images, train_labels, test_images, test_labels)
+
+
+def download_cifar10(
+    data_dir: str | Path,
+    url: str = URL,
+    archive_md5: str = ARCHIVE_MD5,
+    file_md5: dict[str, str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fetch the binary release into data_dir (skipped when a verified copy is already there),
+    check the archive's MD5, extract it safely and check every file's MD5."""
+    data_dir = Path(data_dir)
+    file_md5 = file_md5 if file_md5 is not None else FILE_MD5[BIN_DIR]
+    batches_dir = data_dir / BIN_DIR
+    if batches_dir.is_dir():
+        try:
+            verify_files(batches_dir, file_md5)
+            return batches_dir
+        except MiniResNetError:
+            pass  # incomplete or altered: fetch again
+    data_dir.mkdir(parents=True, exist_ok=True)
+    archive = data_dir / url.rsplit("/", 1)[-1]
+    if not (archive.is_file() and md5sum(archive) == archive_md5):
+        _fetch(url, archive, progress)
+    actual = md5sum(archive)
+    if actual != archive_md5:
+        archive.unlink()
+        raise MiniResNetError(
+            f"downloaded {url} but its MD5 is {actual}, expected {archive_md5}; the download was "
+            f"corrupted or the server sent something else. It was deleted: try again."
+        )
+    safe_extract(archive, data_dir)
+    verify_files(batches_dir, file_md5)
+    archive.unlink()
+    return batches_dir
+
+
+def _fetch(url: str, dest: Path, progress: bool) -> None:
+    partial = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
+                      disable=not progress) as bar:  # fmt: skip
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise MiniResNetError(f"could not download {url}: {e}. Check the network, or copy the "
+                              f"extracted {BIN_DIR}/ into {dest.parent} by hand.") from None  # fmt: skip
+    os.replace(partial, dest)
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract only regular files and directories that land inside `dest`: absolute paths, '..',
+    links and device files are refused before anything is written."""
+    dest = Path(dest).resolve()
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for m in members:
+                target = (dest / m.name).resolve()
+                if m.name.startswith(("/", "\\")) or ".." in Path(m.name).parts or not target.is_relative_to(dest):
+                    raise MiniResNetError(f"{archive}: refusing member '{m.name}': it would land outside {dest}")
+                if not (m.isfile() or m.isdir()):
+                    raise MiniResNetError(
+                        f"{archive}: refusing member '{m.name}': only regular files and directories are allowed"
+                    )
+            for m in members:
+                target = dest / m.name
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(m) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
+    except tarfile.TarError as e:
+        raise MiniResNetError(f"{archive} is not a readable tar archive ({e}); delete it and download again") from None

@@ -1,0 +1,105 @@
+"""The Mini-ResNet of the seed spec: a 3x3 stem, three stages of residual blocks joined by
+stride-2 convolutions, global average pooling and one linear layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution, BatchNorm, ReLU: the stem and the stride-2 transitions between stages."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the identity, then ReLU (the original ResNet 'basic block')."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + x)
+
+
+class MiniResNet(nn.Module):
+    """Widths and blocks per stage are parameters; the defaults are the seed spec's (~0.22M weights).
+
+    Convolutions carry no bias because the BatchNorm after each one has its own shift.
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (16, 32, 64),
+        blocks_per_stage: int = 2,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.widths = tuple(widths)
+        self.blocks_per_stage = blocks_per_stage
+        layers: list[nn.Module] = [conv_bn_relu(3, widths[0])]
+        for i, width in enumerate(widths):
+            if i > 0:
+                layers.append(conv_bn_relu(widths[i - 1], width, stride=2))
+            layers.extend(ResidualBlock(width) for _ in range(blocks_per_stage))
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+    def arch(self) -> dict:
+        """What a checkpoint needs to rebuild this model."""
+        return {
+            "widths": list(self.widths),
+            "blocks_per_stage": self.blocks_per_stage,
+            "num_classes": self.fc.out_features,
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
+    """Multiply-accumulates of one forward pass for one image, counted over convolutions and
+    linear layers (BatchNorm, ReLU, adds and pooling are a rounding error next to them)."""
+    total = 0
+
+    def on_conv(module: nn.Conv2d, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size
+        per_output = (module.in_channels // module.groups) * kh * kw
+        total += output[0].numel() * per_output
+
+    def on_linear(module: nn.Linear, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        total += module.in_features * module.out_features
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(on_conv))
+        elif isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(on_linear))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny CIFAR-10 look-alikes written in both on-disk formats, and the real data
+set when MINIRESNET_CIFAR10 points at it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from miniresnet.data import BIN_DIR, PY_DIR, TEST_FILES, TRAIN_FILES
+
+
+def synthetic_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is easy to learn: each class has its own colour and stripe pattern."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    colours = rng.integers(30, 225, size=(10, 3, 1, 1))
+    stripes = (np.arange(32)[None, :] * (1 + np.arange(10))[:, None] // 4 % 2 * 40)  # (10, 32)
+    images = colours[labels] + stripes[labels][:, None, :, None] + rng.normal(0, 12, size=(n, 3, 32, 32))
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_binary_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    records = np.concatenate([labels.reshape(-1, 1), images.reshape(len(images), -1)], axis=1)
+    path.write_bytes(records.astype(np.uint8).tobytes())
+
+
+def write_python_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    batch = {b"batch_label": b"synthetic", b"labels": [int(v) for v in labels],
+             b"data": images.reshape(len(images), -1), b"filenames": [b"x.png"] * len(labels)}  # fmt: skip
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def make_dataset(root: Path, fmt: str = BIN_DIR, per_file: int = 40, test_size: int = 100) -> Path:
+    """A data directory laid out like the real one: 5 training files and a test file."""
+    batches = root / fmt
+    batches.mkdir(parents=True)
+    write = write_binary_batch if fmt == BIN_DIR else write_python_batch
+    for i, name in enumerate(TRAIN_FILES[fmt]):
+        write(batches / name, *synthetic_images(per_file, seed=i))
+    write(batches / TEST_FILES[fmt][0], *synthetic_images(test_size, seed=99))
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def real_data() -> Path:
+    path = os.environ.get("MINIRESNET_CIFAR10")
+    if not path or not (Path(path) / BIN_DIR).is_dir():
+        pytest.skip("real CIFAR-10 not available: set MINIRESNET_CIFAR10 to a directory holding cifar-10-batches-bin/")
+    return Path(path)
+
+
+__all__ = ["PY_DIR", "make_dataset", "synthetic_images", "write_binary_batch", "write_python_batch"]

@@ -1,0 +1,75 @@
+import torch
+
+from miniresnet.augment import channel_stats, normalize, pad, random_crop_flip
+
+
+def numbered_images(n: int) -> torch.Tensor:
+    """uint8 images whose pixel values identify their position (mod 256), so crops are traceable."""
+    base = torch.arange(3 * 32 * 32).reshape(3, 32, 32) % 251
+    return ((base[None] + torch.arange(n)[:, None, None, None]) % 251 + 1).to(torch.uint8)
+
+
+def test_pad_adds_black_border():
+    images = numbered_images(2)
+    padded = pad(images, 4)
+    assert padded.shape == (2, 3, 40, 40)
+    assert (padded[:, :, :4] == 0).all() and (padded[:, :, :, -4:] == 0).all()
+    assert torch.equal(padded[:, :, 4:36, 4:36], images)
+
+
+def test_crop_shape_and_each_image_gets_its_own_window():
+    images = numbered_images(64)
+    out = random_crop_flip(pad(images, 4), 32, flip=False, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.uint8
+    # Recover each image's offset: the window is an exact sub-array of its padded source.
+    offsets = set()
+    padded = pad(images, 4)
+    for i in range(64):
+        found = [(dy, dx) for dy in range(9) for dx in range(9)
+                 if torch.equal(padded[i, :, dy:dy + 32, dx:dx + 32], out[i])]  # fmt: skip
+        assert len(found) >= 1
+        offsets.add(found[0])
+    assert len(offsets) > 20  # 81 possible windows: 64 images do not share one
+
+
+def test_crop_without_padding_is_identity_and_flip_mirrors():
+    images = numbered_images(200)
+    out = random_crop_flip(images, 32, flip=True, generator=torch.Generator().manual_seed(1))
+    mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, images, strict=True)])
+    unchanged = torch.tensor([torch.equal(o, i) for o, i in zip(out, images, strict=True)])
+    assert (mirrored ^ unchanged).all()  # every image is either itself or its mirror
+    assert 60 < mirrored.sum() < 140  # about half are mirrored
+
+
+def test_padding_content_reaches_the_crops():
+    images = torch.full((500, 3, 32, 32), 200, dtype=torch.uint8)
+    out = random_crop_flip(pad(images, 4), 32, flip=True, generator=torch.Generator().manual_seed(2))
+    zero_fraction = (out == 0).float().mean().item()
+    # Expected black share: E[|dy - 4|] = 20/9 rows of 32, likewise columns.
+    expected = 1 - (1 - (20 / 9) / 32) ** 2
+    assert abs(zero_fraction - expected) < 0.02
+    assert set(out.unique().tolist()) == {0, 200}
+
+
+def test_same_generator_seed_same_batch():
+    padded = pad(numbered_images(8), 4)
+    a = random_crop_flip(padded, 32, True, torch.Generator().manual_seed(5))
+    b = random_crop_flip(padded, 32, True, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_channel_stats_match_direct_computation():
+    images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    mean, std = channel_stats(images)
+    x = images.double() / 255
+    assert torch.allclose(mean.double(), x.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(std.double(), x.transpose(0, 1).reshape(3, -1).std(dim=1, unbiased=False), atol=1e-6)
+
+
+def test_normalize():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.2, 0.3, 0.4])
+    out = normalize(images, mean, std)
+    expected = (images.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=1e-5)

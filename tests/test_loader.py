@@ -1,0 +1,43 @@
+import torch
+
+from miniresnet.loader import BatchLoader
+
+MEAN, STD = torch.tensor([0.5] * 3), torch.tensor([0.25] * 3)
+
+
+def make_loader(n=103, batch=10, **kw):
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
+    return BatchLoader(images, torch.arange(n), batch, MEAN, STD, **kw)
+
+
+def test_every_image_once_per_epoch_with_a_short_last_batch():
+    loader = make_loader(shuffle=True, crop_padding=4, flip=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 11
+    assert [len(y) for _, y in batches][-1] == 3
+    labels = torch.cat([y for _, y in batches])
+    assert sorted(labels.tolist()) == list(range(103))
+
+
+def test_images_travel_with_their_labels():
+    for x, y in make_loader(shuffle=True):
+        pixel = x[:, 0, 0, 0] * 0.25 + 0.5  # undo normalisation -> value / 255
+        assert torch.allclose(pixel * 255, y.float(), atol=1e-3)
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    def order(seed, epoch):
+        loader = make_loader(shuffle=True, seed=seed)
+        loader.set_epoch(epoch)
+        return torch.cat([y for _, y in loader]).tolist()
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+
+
+def test_unshuffled_is_in_order_and_channels_last():
+    batches = list(make_loader(shuffle=False, channels_last=True))
+    assert torch.cat([y for _, y in batches]).tolist() == list(range(103))
+    assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert batches[0][0].dtype == torch.float32

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from torch import nn
+
+from miniresnet.model import MiniResNet, ResidualBlock, count_macs, count_parameters
+
+
+def expected_counts(widths=(16, 32, 64), blocks=2, classes=10):
+    """Parameters and MACs worked out layer by layer from the spec, independently of the model code."""
+    conv = lambda c_in, c_out: 9 * c_in * c_out  # noqa: E731  (3x3, no bias)
+    bn = lambda c: 2 * c  # noqa: E731
+    params, macs, side = conv(3, widths[0]) + bn(widths[0]), conv(3, widths[0]) * 32 * 32, 32
+    for i, w in enumerate(widths):
+        if i:
+            side //= 2
+            params += conv(widths[i - 1], w) + bn(w)
+            macs += conv(widths[i - 1], w) * side * side
+        params += blocks * 2 * (conv(w, w) + bn(w))
+        macs += blocks * 2 * conv(w, w) * side * side
+    params += widths[-1] * classes + classes
+    macs += widths[-1] * classes
+    return params, macs
+
+
+def test_output_shape_and_finite():
+    model = MiniResNet()
+    out = model(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_structure_matches_the_seed_spec():
+    model = MiniResNet()
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    assert [b.conv1.in_channels for b in blocks] == [16, 16, 32, 32, 64, 64]
+    strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    assert [(m.in_channels, m.out_channels) for m in strided] == [(16, 32), (32, 64)]
+    assert all(m.kernel_size == (3, 3) for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert model.fc.in_features == 64 and model.fc.out_features == 10
+
+
+def test_parameter_count_and_macs():
+    model = MiniResNet()
+    params, macs = expected_counts()
+    assert count_parameters(model) == params == 218_778
+    assert count_macs(model) == macs
+    assert 30e6 < macs < 32e6  # ~62 MFLOP per forward pass
+
+
+@pytest.mark.parametrize("widths,blocks", [((8, 16, 32), 1), ((16, 32, 64, 128), 3)])
+def test_widths_and_depth_are_parameters(widths, blocks):
+    model = MiniResNet(widths, blocks)
+    params, macs = expected_counts(widths, blocks)
+    assert count_parameters(model) == params
+    assert count_macs(model) == macs
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_residual_block_is_identity_plus_branch():
+    block = ResidualBlock(4).eval()
+    nn.init.zeros_(block.bn2.weight)  # branch contributes nothing: output = relu(x)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(block(x), torch.relu(x))
+
+
+def test_count_macs_restores_training_mode():
+    model = MiniResNet().train()
+    count_macs(model)
+    assert model.training
