@@ -86,6 +86,26 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .runtime import set_threads
+
+    set_threads(args.threads)
+    precisions = ["fp32", "bf16"] if args.precision == "all" else [args.precision]
+    for precision in precisions:
+        result = run_bench(precision, args.batch_size, args.steps, args.repeats, args.device)
+        if args.json:
+            print(json.dumps(result), flush=True)
+            continue
+        print(f"{precision} on {result['device']} ({result['threads']} threads), batch {result['batch_size']}:\n"
+              f"  train {result['train_images_per_sec']:8.0f} img/s = {result['train_gflops']:.0f} GFLOP/s, "
+              f"{result['efficiency']:.0%} of the {result['matmul_gflops']:.0f} GFLOP/s {result['compute_dtype']} "
+              f"matmul roofline\n"
+              f"  eval  {result['eval_images_per_sec']:8.0f} img/s ({result['test_eval_seconds']:.2f} s for 10,000)\n"
+              f"  one epoch (50,000 train + 10,000 test) ~ {result['epoch_seconds']:.0f} s", flush=True)  # fmt: skip
+    return 0
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -120,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--url", default=None, help="archive URL (default: the official one)")
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.set_defaults(run=cmd_download)
+
+    bench = commands.add_parser("bench", help="training and evaluation throughput against the matmul roofline")
+    bench.add_argument("--precision", choices=("fp32", "bf16", "fp16", "all"), default="all",
+                       help="all = fp32 then bf16")  # fmt: skip
+    bench.add_argument("--batch-size", type=positive_int, default=100)
+    bench.add_argument("--steps", type=positive_int, default=30, help="training batches per timed repeat")
+    bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats after one warm-up; medians")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+    bench.add_argument("--json", action="store_true", help="one JSON object per precision")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

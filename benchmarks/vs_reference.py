@@ -1,0 +1,111 @@
+"""The project's training loop against a plain PyTorch reference loop of the seed recipe, side by
+side in one process, alternating, so that machine noise hits both alike.
+
+The reference is what a typical script does: a Dataset that crops, flips and normalises one image
+at a time, a DataLoader with one worker process, an fp32 NCHW model. It lives here, not in the
+package, on purpose: it is the baseline, not a feature.
+
+    python benchmarks/vs_reference.py [--steps 50] [--repeats 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from miniresnet.bench import synthetic_data, time_training
+from miniresnet.config import PRESETS
+from miniresnet.model import MiniResNet
+from miniresnet.runtime import set_threads
+
+MEAN, STD = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2470, 0.2435, 0.2616])
+
+
+class PerImageCifar(Dataset):
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize, one image per call."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = F.pad(self.images[i], (4, 4, 4, 4))
+        top, left = random.randint(0, 8), random.randint(0, 8)
+        image = image[:, top : top + 32, left : left + 32]
+        if random.random() < 0.5:
+            image = image.flip(-1)
+        image = image.float() / 255
+        return (image - MEAN[:, None, None]) / STD[:, None, None], int(self.labels[i])
+
+
+def reference_segments(steps: int, batch_size: int):
+    """A generator: each next() trains `steps` batches of the reference loop and yields images/s."""
+    images, labels = synthetic_data(50_000)
+    loader = DataLoader(PerImageCifar(images, labels), batch_size=batch_size, shuffle=True, num_workers=1,
+                        persistent_workers=True)  # fmt: skip
+    model = MiniResNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        for _ in range(steps):
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x, y = next(batches)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        yield steps * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=50, help="batches per timed segment")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    threads = set_threads(0)
+    device = torch.device("cpu")
+    reference = reference_segments(args.steps, args.batch_size)
+    next(reference)  # warm-up: starts the worker, touches every code path once
+    configs = {p: dataclasses.replace(PRESETS["seed"], precision=p, batch_size=args.batch_size, quiet=True)
+               for p in ("fp32", "bf16")}  # fmt: skip
+    rates: dict[str, list[float]] = {"reference": [], "fp32": [], "bf16": []}
+    for repeat in range(args.repeats):
+        rates["reference"].append(next(reference))
+        for precision, cfg in configs.items():
+            rates[precision] += time_training(cfg, args.steps, 1, device)
+        print(f"repeat {repeat + 1}/{args.repeats}: " + "  ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()),
+              flush=True)  # fmt: skip
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    result = {
+        "threads": threads, "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
+        "median_images_per_sec": {k: round(v, 1) for k, v in medians.items()},
+        "speedup_vs_reference": {k: round(medians[k] / medians["reference"], 2) for k in ("fp32", "bf16")},
+        "all_images_per_sec": {k: [round(r, 1) for r in v] for k, v in rates.items()},
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in medians.items():
+            ratio = v / medians["reference"]
+            print(f"{k:>9}: median {v:7.0f} img/s  ({ratio:.2f}x the reference loop)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Throughput of the real training and evaluation loops, beside the machine's own matmul
+roofline measured in the same run, so that speed is reported as a fraction of what the
+hardware can do and not only as a number of images per second."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from .config import PRESETS, TrainConfig
+from .evaluate import evaluate
+from .loader import BatchLoader
+from .model import MiniResNet, count_macs
+from .runtime import autocast_dtype, resolve_device
+
+TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Median GFLOP/s of a size^3 matrix product: the practical peak for dense work here."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def synthetic_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return images, torch.randint(0, 10, (n,), generator=g)
+
+
+def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.device) -> list[float]:
+    """Images/s of `train_one_epoch` (the loop `miniresnet train` runs: batched crop/flip,
+    normalisation, forward, backward, Adam) over `steps` batches, once per repeat after a warm-up."""
+    from .train import train_one_epoch
+
+    images, labels = synthetic_data(cfg.batch_size * steps)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    loader = BatchLoader(images, labels, cfg.batch_size, mean, std, shuffle=True, crop_padding=cfg.crop_padding,
+                         flip=cfg.flip, device=device, channels_last=cfg.channels_last)  # fmt: skip
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = MiniResNet(cfg.widths, cfg.blocks_per_stage).to(device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    dtype = autocast_dtype(cfg.precision, device)
+    rates = []
+    for repeat in range(repeats + 1):  # the first pass is warm-up
+        loader.set_epoch(repeat)
+        synchronize(device)
+        start = time.perf_counter()
+        train_one_epoch(model, optimizer, loader, device, dtype, cfg, repeat)
+        synchronize(device)
+        if repeat:
+            rates.append(len(labels) / (time.perf_counter() - start))
+    return rates
+
+
+def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> list[float]:
+    """Images/s of `evaluate` over 10,000 images, the size of the CIFAR-10 test set."""
+    images, labels = synthetic_data(TEST_IMAGES, seed=1)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = MiniResNet(cfg.widths, cfg.blocks_per_stage).to(device, memory_format=memory_format)
+    dtype = autocast_dtype(cfg.precision, device)
+    rates = []
+    for repeat in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        evaluate(model, images, labels, mean, std, batch_size=cfg.eval_batch_size, device=device, dtype=dtype,
+                 channels_last=cfg.channels_last)  # fmt: skip
+        synchronize(device)
+        if repeat:
+            rates.append(TEST_IMAGES / (time.perf_counter() - start))
+    return rates
+
+
+def run_bench(
+    precision: str = "fp32", batch_size: int = 100, steps: int = 30, repeats: int = 5, device: str = "auto",
+    preset: str = "seed",
+) -> dict:  # fmt: skip
+    """One precision's figures; the train FLOPs per image count the backward pass as twice the forward."""
+    dev = resolve_device(device)
+    cfg = dataclasses.replace(PRESETS[preset], precision=precision, batch_size=batch_size, quiet=True)
+    dtype = autocast_dtype(precision, dev) or torch.float32
+    macs = count_macs(MiniResNet(cfg.widths, cfg.blocks_per_stage))
+    roofline = matmul_gflops(dev, dtype)
+    train_rate = statistics.median(time_training(cfg, steps, repeats, dev))
+    eval_rate = statistics.median(time_evaluation(cfg, repeats, dev))
+    train_flop = 3 * 2 * macs
+    return {
+        "precision": precision,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size,
+        "train_images_per_sec": round(train_rate, 1),
+        "eval_images_per_sec": round(eval_rate, 1),
+        "matmul_gflops": round(roofline, 1),
+        "train_gflops": round(train_rate * train_flop / 1e9, 1),
+        "efficiency": round(train_rate * train_flop / 1e9 / roofline, 3),
+        "epoch_seconds": round(TRAIN_IMAGES / train_rate + TEST_IMAGES / eval_rate, 1),
+        "test_eval_seconds": round(TEST_IMAGES / eval_rate, 2),
+        "repeats": repeats,
+        "steps": steps,
+    }

@@ -1,0 +1,92 @@
+import os
+
+import pytest
+import torch
+
+from miniresnet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, strip_prefixes
+from miniresnet.errors import MiniResNetError
+from miniresnet.model import MiniResNet
+
+
+def state_of(model: MiniResNet) -> dict:
+    return {"arch": model.arch(), "model": model.state_dict(), "classes": ["a"] * 10,
+            "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1}  # fmt: skip
+
+
+def test_round_trip(tmp_path):
+    model = MiniResNet()
+    save_checkpoint(state_of(model), tmp_path / "c.pt")
+    restored = model_from_checkpoint(load_checkpoint(tmp_path / "c.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), restored.eval()(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(state_of(MiniResNet()), tmp_path / "c.pt")
+    before = (tmp_path / "c.pt").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(state_of(MiniResNet()), tmp_path / "c.pt")
+    assert (tmp_path / "c.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a checkpoint", b"PK\x03\x04broken zip"])
+def test_unreadable_files_are_clear_errors(tmp_path, content):
+    (tmp_path / "c.pt").write_bytes(content)
+    with pytest.raises(MiniResNetError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_truncated_checkpoint(tmp_path):
+    save_checkpoint(state_of(MiniResNet()), tmp_path / "c.pt")
+    raw = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(MiniResNetError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(MiniResNetError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_other_pytorch_file_is_not_a_checkpoint(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(MiniResNetError, match="not a miniresnet checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": "miniresnet-checkpoint", "model": Payload()}, tmp_path / "evil.pt", pickle_protocol=2)
+    with pytest.raises(MiniResNetError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+    # The payload is live: an unrestricted load really runs it (harmlessly, inside tmp_path).
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert (tmp_path / "pwned-by-checkpoint").exists()
+
+
+def test_other_architecture_is_a_clear_error(tmp_path):
+    state = state_of(MiniResNet((8, 16, 32)))
+    state["arch"] = MiniResNet().arch()  # claims the default widths, holds smaller weights
+    save_checkpoint(state, tmp_path / "c.pt")
+    with pytest.raises(MiniResNetError, match="do not fit"):
+        model_from_checkpoint(load_checkpoint(tmp_path / "c.pt"))
+
+
+def test_ddp_and_compile_prefixes_are_stripped():
+    weights = MiniResNet().state_dict()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in weights.items()}
+    assert list(strip_prefixes(wrapped)) == list(weights)

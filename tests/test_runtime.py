@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from miniresnet import runtime
+from miniresnet.bench import matmul_gflops, run_bench
+from miniresnet.errors import MiniResNetError
+
+
+def test_available_cores_respects_affinity():
+    cores = runtime.available_cores()
+    assert 1 <= cores <= len(runtime.os.sched_getaffinity(0))
+
+
+def test_set_threads_auto_and_explicit():
+    before = torch.get_num_threads()
+    try:
+        assert runtime.set_threads(1) == 1 == torch.get_num_threads()
+        assert runtime.set_threads(0) == runtime.available_cores()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_precision_resolution_on_cpu(monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    assert runtime.autocast_dtype("fp32", cpu) is None
+    assert runtime.autocast_dtype("fp16", cpu) is None
+    assert "fp16 autocast is for CUDA" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.autocast_dtype("bf16", cpu) is None
+    assert "lacks native bf16" in capsys.readouterr().err
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(MiniResNetError, match="no CUDA"):
+        runtime.resolve_device("cuda")
+
+
+def test_bench_reports_consistent_figures():
+    result = run_bench("fp32", batch_size=8, steps=2, repeats=1, device="cpu")
+    assert result["train_images_per_sec"] > 0 and result["eval_images_per_sec"] > 0
+    flop_per_image = 3 * 2 * 31_113_856
+    assert result["train_gflops"] == pytest.approx(result["train_images_per_sec"] * flop_per_image / 1e9, rel=0.01)
+    assert result["efficiency"] == pytest.approx(result["train_gflops"] / result["matmul_gflops"], abs=0.002)
+
+
+def test_matmul_gflops_is_positive():
+    assert matmul_gflops(torch.device("cpu"), torch.float32, size=128, repeats=2) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_runs(tiny_data, tmp_path):
+    from miniresnet.config import TrainConfig
+    from miniresnet.train import train
+
+    cfg = TrainConfig(data_dir=str(tiny_data), out_dir=str(tmp_path / "r"), epochs=1, batch_size=50,
+                      verify_data=False, download=False, quiet=True, device="cuda", precision="bf16")  # fmt: skip
+    summary = train(cfg)
+    assert summary["device"].startswith("cuda") and 0 <= summary["test_acc"] <= 1
