@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a .pt file written by `miniresnet train`")
     evaluate.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-bin/")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    evaluate.add_argument("--batch-size", type=positive_int, default=1000)
+    evaluate.add_argument("--batch-size", type=positive_int, default=100)
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     evaluate.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
