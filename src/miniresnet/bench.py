@@ -45,6 +45,11 @@ def synthetic_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.randint(0, 10, (n,), generator=g)
 
 
+def _model(cfg: TrainConfig, device: torch.device) -> MiniResNet:
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return MiniResNet(cfg.widths, cfg.blocks_per_stage).to(device, memory_format=memory_format)
+
+
 def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.device) -> list[float]:
     """Images/s of `train_one_epoch` (the loop `miniresnet train` runs: batched crop/flip,
     normalisation, forward, backward, Adam) over `steps` batches, once per repeat after a warm-up."""
@@ -54,8 +59,7 @@ def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.devi
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     loader = BatchLoader(images, labels, cfg.batch_size, mean, std, shuffle=True, crop_padding=cfg.crop_padding,
                          flip=cfg.flip, device=device, channels_last=cfg.channels_last)  # fmt: skip
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = MiniResNet(cfg.widths, cfg.blocks_per_stage).to(device, memory_format=memory_format)
+    model = _model(cfg, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     dtype = autocast_dtype(cfg.precision, device)
     rates = []
@@ -74,8 +78,7 @@ def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> lis
     """Images/s of `evaluate` over 10,000 images, the size of the CIFAR-10 test set."""
     images, labels = synthetic_data(TEST_IMAGES, seed=1)
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = MiniResNet(cfg.widths, cfg.blocks_per_stage).to(device, memory_format=memory_format)
+    model = _model(cfg, device)
     dtype = autocast_dtype(cfg.precision, device)
     rates = []
     for repeat in range(repeats + 1):

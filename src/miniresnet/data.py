@@ -71,8 +71,9 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fix_hint(data_dir: Path) -> str:
-    return f"delete it and run `miniresnet download --data-dir {data_dir}` to fetch a fresh copy"
+def _fix_hint(data_dir: Path, delete: bool = True) -> str:
+    fetch = f"run `miniresnet download --data-dir {data_dir}` to fetch a fresh copy"
+    return f"delete it and {fetch}" if delete else fetch
 
 
 def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +147,7 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise MiniResNetError(
-            f"{path} is missing; {_fix_hint(path.parent.parent).replace('delete it and ', '')}"
+            f"{path} is missing; {_fix_hint(path.parent.parent, delete=False)}"
         ) from None
     except OSError as e:
         raise MiniResNetError(f"{path}: cannot read it ({e})") from None
@@ -182,7 +183,7 @@ def verify_files(batches_dir: Path, expected: dict[str, str] | None = None) -> N
     for name, md5 in expected.items():
         path = batches_dir / name
         if not path.is_file():
-            raise MiniResNetError(f"{path} is missing; {_fix_hint(batches_dir.parent).replace('delete it and ', '')}")
+            raise MiniResNetError(f"{path} is missing; {_fix_hint(batches_dir.parent, delete=False)}")
         actual = md5sum(path)
         if actual != md5:
             raise MiniResNetError(
