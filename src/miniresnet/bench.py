@@ -17,6 +17,7 @@ from .model import MiniResNet, count_macs
 from .runtime import autocast_dtype, resolve_device
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
+MEAN, STD = torch.full((3,), 0.5), torch.full((3,), 0.25)  # any normalisation costs the same
 
 
 def synchronize(device: torch.device) -> None:
@@ -56,8 +57,7 @@ def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.devi
     from .train import train_one_epoch
 
     images, labels = synthetic_data(cfg.batch_size * steps)
-    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
-    loader = BatchLoader(images, labels, cfg.batch_size, mean, std, shuffle=True, crop_padding=cfg.crop_padding,
+    loader = BatchLoader(images, labels, cfg.batch_size, MEAN, STD, shuffle=True, crop_padding=cfg.crop_padding,
                          flip=cfg.flip, device=device, channels_last=cfg.channels_last)  # fmt: skip
     model = _model(cfg, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -77,14 +77,13 @@ def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.devi
 def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> list[float]:
     """Images/s of `evaluate` over 10,000 images, the size of the CIFAR-10 test set."""
     images, labels = synthetic_data(TEST_IMAGES, seed=1)
-    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     model = _model(cfg, device)
     dtype = autocast_dtype(cfg.precision, device)
     rates = []
     for repeat in range(repeats + 1):
         synchronize(device)
         start = time.perf_counter()
-        evaluate(model, images, labels, mean, std, batch_size=cfg.eval_batch_size, device=device, dtype=dtype,
+        evaluate(model, images, labels, MEAN, STD, batch_size=cfg.eval_batch_size, device=device, dtype=dtype,
                  channels_last=cfg.channels_last)  # fmt: skip
         synchronize(device)
         if repeat:
