@@ -18,6 +18,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def train_run(preset: str, seed: int, data_dir: str, name: str, extra: list[str]) -> dict:
+    """One `miniresnet train` in a subprocess; its command, summary and per-epoch metrics."""
+    out = ROOT / "runs" / "bench" / name
+    command = [sys.executable, "-m", "miniresnet", "train", "--preset", preset, "--seed", str(seed),
+               "--data-dir", data_dir, "--out", str(out), "--overwrite", "--quiet", *extra]  # fmt: skip
+    print("$", " ".join(command[1:]), flush=True)
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"seed": seed, "command": command[2:], "summary": summary, "metrics": metrics}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="seed")
@@ -29,15 +41,9 @@ def main() -> None:
     name = args.name or "-".join([args.preset, *(a.lstrip("-") for a in args.extra)]) or args.preset
     runs = []
     for seed in args.seeds:
-        out = ROOT / "runs" / "bench" / f"{name}-seed{seed}"
-        command = [sys.executable, "-m", "miniresnet", "train", "--preset", args.preset, "--seed", str(seed),
-                   "--data-dir", args.data_dir, "--out", str(out), "--overwrite", "--quiet", *args.extra]  # fmt: skip
-        print("$", " ".join(command[1:]), flush=True)
-        result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-        summary = json.loads(result.stdout.strip().splitlines()[-1])
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        runs.append({"seed": seed, "command": command[2:], "summary": summary, "metrics": metrics})
-        print(f"seed {seed}: test_acc {summary['test_acc']:.4f}  {summary['seconds']:.0f} s", flush=True)
+        run = train_run(args.preset, seed, args.data_dir, f"{name}-seed{seed}", args.extra)
+        runs.append(run)
+        print(f"seed {seed}: test_acc {run['summary']['test_acc']:.4f}  {run['summary']['seconds']:.0f} s", flush=True)
     path = ROOT / "benchmarks" / "results" / f"{name}.json"
     if path.exists():  # keep earlier seeds of the same configuration
         runs += [r for r in json.loads(path.read_text())["runs"] if r["seed"] not in args.seeds]

@@ -19,7 +19,7 @@ def synthetic_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     labels = np.arange(n) % 10
     rng.shuffle(labels)
     colours = np.random.default_rng(1234).integers(30, 225, size=(10, 3, 1, 1))  # the same in every file
-    stripes = (np.arange(32)[None, :] * (1 + np.arange(10))[:, None] // 4 % 2 * 40)  # (10, 32)
+    stripes = np.arange(32)[None, :] * (1 + np.arange(10))[:, None] // 4 % 2 * 40  # (10, 32)
     images = colours[labels] + stripes[labels][:, None, :, None] + rng.normal(0, 12, size=(n, 3, 32, 32))
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 

@@ -6,7 +6,7 @@ import torch
 from miniresnet.checkpoint import load_checkpoint, load_model
 from miniresnet.config import PRESETS, TrainConfig
 from miniresnet.errors import MiniResNetError
-from miniresnet.train import lr_factor, train
+from miniresnet.train import learning_rate, train
 
 
 def tiny_config(data_dir, out_dir, **overrides) -> TrainConfig:
@@ -24,7 +24,16 @@ def test_seed_preset_is_the_seed_recipe():
 
 def test_step_schedule_halves_every_20_epochs():
     cfg = PRESETS["seed"]
-    assert [lr_factor(cfg, e) for e in (0, 19, 20, 24, 40)] == [1, 1, 0.5, 0.5, 0.25]
+    assert [learning_rate(cfg, e * 500 + 499, 500) for e in (0, 19, 20, 24, 40)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(schedule="linear", lr=0.4, warmup=0.2, epochs=5)  # 50 steps, 10 of warm-up
+    lrs = [learning_rate(cfg, step, 10) for step in range(50)]
+    assert lrs[0] == pytest.approx(0.04) and lrs[9] == pytest.approx(0.4) == max(lrs)
+    diffs = [b - a for a, b in zip(lrs, lrs[1:], strict=False)]
+    assert all(d > 0 for d in diffs[:9]) and all(d < 0 for d in diffs[10:])
+    assert lrs[-1] == pytest.approx(0.4 / 40) and learning_rate(cfg, 50, 10) == 0
 
 
 def test_short_run_learns_and_writes_its_run_dir(tiny_data, tmp_path):

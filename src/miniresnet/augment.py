@@ -27,9 +27,7 @@ def pad(images: torch.Tensor, padding: int) -> torch.Tensor:
     return F.pad(images, (padding,) * 4) if padding else images
 
 
-def random_crop_flip(
-    padded: torch.Tensor, size: int, flip: bool, generator: torch.Generator
-) -> torch.Tensor:
+def random_crop_flip(padded: torch.Tensor, size: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Each image gets its own random size x size window of `padded` and, with `flip`, a coin
     toss for a horizontal mirror; both are one gather with per-image row and column indices."""
     n, c, h, w = padded.shape

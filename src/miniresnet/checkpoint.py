@@ -60,7 +60,7 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for key, value in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 

@@ -136,8 +136,7 @@ def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"data of shape {data.shape} with {len(labels)} labels")
     except Exception as e:  # any malformed or hostile content ends up here
         raise MiniResNetError(
-            f"{path}: not a valid CIFAR-10 Python batch ({type(e).__name__}: {e}); "
-            f"{_fix_hint(path.parent.parent)}"
+            f"{path}: not a valid CIFAR-10 Python batch ({type(e).__name__}: {e}); {_fix_hint(path.parent.parent)}"
         ) from None
     return _checked(path, data, labels)
 
@@ -146,9 +145,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise MiniResNetError(
-            f"{path} is missing; {_fix_hint(path.parent.parent, delete=False)}"
-        ) from None
+        raise MiniResNetError(f"{path} is missing; {_fix_hint(path.parent.parent, delete=False)}") from None
     except OSError as e:
         raise MiniResNetError(f"{path}: cannot read it ({e})") from None
 
@@ -156,8 +153,7 @@ def _read_bytes(path: Path) -> bytes:
 def _checked(path: Path, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
         raise MiniResNetError(
-            f"{path}: label {int(labels.max())} is outside 0-9; the file is corrupt: "
-            f"{_fix_hint(path.parent.parent)}"
+            f"{path}: label {int(labels.max())} is outside 0-9; the file is corrupt: {_fix_hint(path.parent.parent)}"
         )
     return pixels.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 

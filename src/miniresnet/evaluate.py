@@ -10,6 +10,8 @@ from .data import CLASSES
 from .loader import BatchLoader
 from .runtime import autocast
 
+TTA_MODES = ("none", "flip", "flip-translate")
+
 
 @torch.no_grad()
 def evaluate(
@@ -23,8 +25,10 @@ def evaluate(
     device: torch.device = torch.device("cpu"),
     dtype: torch.dtype | None = None,
     channels_last: bool = True,
+    tta: str = "none",
 ) -> dict:
-    """Every image once, in order, at a large batch; returns plain numbers (JSON-ready)."""
+    """Every image once, in order; returns plain numbers (JSON-ready). With `tta`, each image's
+    logits are the mean over its augmented views (see `views`)."""
     loader = BatchLoader(images, labels, batch_size, mean, std, device=device, channels_last=channels_last)
     was_training = model.training
     model.eval()
@@ -33,8 +37,7 @@ def evaluate(
     loss_sum = 0.0
     for x, y in loader:
         with autocast(device, dtype):
-            logits = model(x)
-        logits = logits.float()
+            logits = torch.stack([model(v).float() for v in views(x, tta)]).mean(0)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         predicted = logits.argmax(1)
         pairs = (y * num_classes + predicted).cpu()
@@ -49,3 +52,20 @@ def evaluate(
         "per_class": {c: round(v, 6) for c, v in zip(CLASSES, per_class, strict=True)},
         "confusion": confusion.tolist(),
     }
+
+
+def views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views test-time augmentation averages over. `flip`: the image and its mirror (training
+    flipped at random, so both are equally familiar). `flip-translate`: also each of them shifted
+    by 2 pixels up-left and down-right, with reflected borders (training cropped at up to 4)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    if tta == "none":
+        return [x]
+    out = [x, x.flip(3)]
+    if tta == "flip-translate":
+        size = x.shape[-1]
+        for v in out[:2]:
+            padded = F.pad(v, (2, 2, 2, 2), mode="reflect")
+            out += [padded[..., :size, :size], padded[..., 4:, 4:]]
+    return out

@@ -34,6 +34,7 @@ class ResidualBlock(nn.Module):
 
 class MiniResNet(nn.Module):
     """Widths and blocks per stage are parameters; the defaults are the seed spec's (~0.22M weights).
+    `zero_init_residual` changes only the initial weights, not the architecture.
 
     Convolutions carry no bias because the BatchNorm after each one has its own shift.
     """
@@ -43,6 +44,7 @@ class MiniResNet(nn.Module):
         widths: tuple[int, ...] = (16, 32, 64),
         blocks_per_stage: int = 2,
         num_classes: int = 10,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         self.widths = tuple(widths)
@@ -54,6 +56,10 @@ class MiniResNet(nn.Module):
             layers.extend(ResidualBlock(width) for _ in range(blocks_per_stage))
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(widths[-1], num_classes)
+        if zero_init_residual:  # each block starts as the identity: a shallower net to begin with
+            for block in self.modules():
+                if isinstance(block, ResidualBlock):
+                    nn.init.zeros_(block.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
