@@ -1,12 +1,17 @@
 import torch
 
-from miniresnet.augment import channel_stats, normalize, pad, random_crop_flip
+from miniresnet.augment import channel_stats, crop_flip, normalize, pad, random_crops
 
 
 def numbered_images(n: int) -> torch.Tensor:
     """uint8 images whose pixel values identify their position (mod 256), so crops are traceable."""
     base = torch.arange(3 * 32 * 32).reshape(3, 32, 32) % 251
     return ((base[None] + torch.arange(n)[:, None, None, None]) % 251 + 1).to(torch.uint8)
+
+
+def random_crop_flip(padded: torch.Tensor, flip: bool, seed: int) -> torch.Tensor:
+    draws = random_crops(len(padded), padded.shape[-1] - 32, flip, torch.Generator().manual_seed(seed))
+    return crop_flip(padded, 32, *draws)
 
 
 def test_pad_adds_black_border():
@@ -19,7 +24,7 @@ def test_pad_adds_black_border():
 
 def test_crop_shape_and_each_image_gets_its_own_window():
     images = numbered_images(64)
-    out = random_crop_flip(pad(images, 4), 32, flip=False, generator=torch.Generator().manual_seed(0))
+    out = random_crop_flip(pad(images, 4), False, 0)
     assert out.shape == (64, 3, 32, 32) and out.dtype == torch.uint8
     # Recover each image's offset: the window is an exact sub-array of its padded source.
     offsets = set()
@@ -34,7 +39,7 @@ def test_crop_shape_and_each_image_gets_its_own_window():
 
 def test_crop_without_padding_is_identity_and_flip_mirrors():
     images = numbered_images(200)
-    out = random_crop_flip(images, 32, flip=True, generator=torch.Generator().manual_seed(1))
+    out = random_crop_flip(images, True, 1)
     mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, images, strict=True)])
     unchanged = torch.tensor([torch.equal(o, i) for o, i in zip(out, images, strict=True)])
     assert (mirrored ^ unchanged).all()  # every image is either itself or its mirror
@@ -43,7 +48,7 @@ def test_crop_without_padding_is_identity_and_flip_mirrors():
 
 def test_padding_content_reaches_the_crops():
     images = torch.full((500, 3, 32, 32), 200, dtype=torch.uint8)
-    out = random_crop_flip(pad(images, 4), 32, flip=True, generator=torch.Generator().manual_seed(2))
+    out = random_crop_flip(pad(images, 4), True, 2)
     zero_fraction = (out == 0).float().mean().item()
     # Expected black share: E[|dy - 4|] = 20/9 rows of 32, likewise columns.
     expected = 1 - (1 - (20 / 9) / 32) ** 2
@@ -53,8 +58,8 @@ def test_padding_content_reaches_the_crops():
 
 def test_same_generator_seed_same_batch():
     padded = pad(numbered_images(8), 4)
-    a = random_crop_flip(padded, 32, True, torch.Generator().manual_seed(5))
-    b = random_crop_flip(padded, 32, True, torch.Generator().manual_seed(5))
+    a = random_crop_flip(padded, True, 5)
+    b = random_crop_flip(padded, True, 5)
     assert torch.equal(a, b)
 
 

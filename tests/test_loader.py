@@ -41,3 +41,13 @@ def test_unshuffled_is_in_order_and_channels_last():
     assert torch.cat([y for _, y in batches]).tolist() == list(range(103))
     assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
     assert batches[0][0].dtype == torch.float32
+
+
+def test_a_replay_can_start_at_any_batch_of_the_epoch():
+    loader = make_loader(shuffle=True, crop_padding=4, flip=True, seed=3)
+    loader.set_epoch(2)
+    whole = list(loader)
+    tail = list(loader.batches(7))
+    assert len(tail) == 4
+    for (x1, y1), (x2, y2) in zip(whole[7:], tail, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)

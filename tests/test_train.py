@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -88,5 +89,70 @@ def test_invalid_values_are_refused(tiny_data, tmp_path, overrides, message):
 
 
 def test_diverging_loss_stops_with_advice(tiny_data, tmp_path):
-    with pytest.raises(MiniResNetError, match="loss became nan.*lower --lr"):
+    with pytest.raises(MiniResNetError, match=r"loss became nan at step \d+ of epoch 1 .*Lower --lr"):
         train(tiny_config(tiny_data, tmp_path / "run", epochs=1, lr=1e30))
+
+
+def comparable(metrics: list[dict]) -> list[dict]:
+    """Metrics without the wall-clock fields, which differ from run to run."""
+    return [{k: v for k, v in m.items() if k not in ("seconds", "elapsed", "images_per_sec")} for m in metrics]
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "stop_at_step", [5, 8, 13]
+)  # mid-epoch 1, end of epoch 1, mid-epoch 2: 160 / 20 = 8 steps per epoch
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_data, tmp_path, monkeypatch, stop_at_step):
+    import signal
+
+    import miniresnet.train as train_module
+
+    recipe = dict(epochs=3, batch_size=20, optimizer="sgd", lr=0.05, schedule="linear", warmup=0.2, label_smoothing=0.1,
+                  ema=0.9, weight_decay=5e-4, decay_norm_and_bias=False, val_split=40, tta="flip")  # fmt: skip
+    whole = train(tiny_config(tiny_data, tmp_path / "whole", **recipe))
+
+    real_learning_rate = train_module.learning_rate
+
+    def learning_rate_that_interrupts(cfg, step, steps_per_epoch):
+        if step == stop_at_step - 1:  # the signal lands while this step runs
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_learning_rate(cfg, step, steps_per_epoch)
+
+    broken_dir = tmp_path / "broken"
+    monkeypatch.setattr(train_module, "learning_rate", learning_rate_that_interrupts)
+    with pytest.raises(train_module.TrainingInterrupted, match="--resume") as stopped:
+        train(tiny_config(tiny_data, broken_dir, **recipe))
+    assert stopped.value.exit_code == 128 + signal.SIGINT
+    saved = load_checkpoint(broken_dir / "last.pt")
+    assert saved["epoch"] * 8 + saved["tally"]["step"] == stop_at_step
+    monkeypatch.setattr(train_module, "learning_rate", real_learning_rate)
+
+    resumed = train(tiny_config(tiny_data, broken_dir, **recipe), resume=True)
+    assert comparable(read_metrics(broken_dir)) == comparable(read_metrics(tmp_path / "whole"))
+    assert {k: v for k, v in resumed.items() if k not in ("seconds", "run_dir", "checkpoint", "best_checkpoint")} == {
+        k: v for k, v in whole.items() if k not in ("seconds", "run_dir", "checkpoint", "best_checkpoint")
+    }
+    a, b = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(broken_dir / "last.pt")
+    for key in ("model", "trained_model"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
+
+
+def test_checkpoint_every_n_steps_and_best_on_validation(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, epochs=2, checkpoint_every=3, val_split=40))
+    metrics = read_metrics(out)
+    best = load_checkpoint(out / "best.pt")
+    best_epoch = max(metrics, key=lambda m: m["val_acc"])["epoch"]
+    assert best["epoch"] == best_epoch and best["best_val"] == max(m["val_acc"] for m in metrics)
+    assert load_checkpoint(out / "last.pt")["tally"]["step"] == 0  # the epoch-end save comes last
+
+
+def test_resume_needs_a_run_and_a_fresh_run_refuses_an_old_one(tiny_data, tmp_path):
+    with pytest.raises(MiniResNetError, match="no run to resume"):
+        train(tiny_config(tiny_data, tmp_path / "nothing"), resume=True)
+    train(tiny_config(tiny_data, tmp_path / "run", epochs=1))
+    with pytest.raises(MiniResNetError, match="--resume"):
+        train(tiny_config(tiny_data, tmp_path / "run", epochs=1))

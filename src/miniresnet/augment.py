@@ -27,18 +27,28 @@ def pad(images: torch.Tensor, padding: int) -> torch.Tensor:
     return F.pad(images, (padding,) * 4) if padding else images
 
 
-def random_crop_flip(padded: torch.Tensor, size: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Each image gets its own random size x size window of `padded` and, with `flip`, a coin
-    toss for a horizontal mirror; both are one gather with per-image row and column indices."""
-    n, c, h, w = padded.shape
-    dy = torch.randint(0, h - size + 1, (n,), generator=generator)
-    dx = torch.randint(0, w - size + 1, (n,), generator=generator)
+def random_crops(
+    n: int, max_offset: int, flip: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image window offsets (dy, dx in [0, max_offset]) and mirror coin tosses for n images.
+    Drawn apart from the cropping so a loader can draw a whole epoch's at once (and so resume
+    in the middle of it)."""
+    dy = torch.randint(0, max_offset + 1, (n,), generator=generator)
+    dx = torch.randint(0, max_offset + 1, (n,), generator=generator)
+    mirrored = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    return dy, dx, mirrored
+
+
+def crop_flip(
+    padded: torch.Tensor, size: int, dy: torch.Tensor, dx: torch.Tensor, mirrored: torch.Tensor
+) -> torch.Tensor:
+    """Image i becomes the size x size window of padded[i] at (dy[i], dx[i]), mirrored where
+    mirrored[i]: all of it one gather with per-image row and column indices."""
+    n, c = padded.shape[:2]
     offsets = torch.arange(size)
     rows = dy[:, None] + offsets
     cols = dx[:, None] + offsets
-    if flip:
-        mirrored = torch.rand(n, generator=generator) < 0.5
-        cols = torch.where(mirrored[:, None], cols.flip(1), cols)
+    cols = torch.where(mirrored[:, None], cols.flip(1), cols)
     rows, cols = rows.to(padded.device), cols.to(padded.device)
     index_n = torch.arange(n, device=padded.device)[:, None, None, None]
     index_c = torch.arange(c, device=padded.device)[None, :, None, None]

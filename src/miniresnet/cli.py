@@ -36,15 +36,45 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 type=scalar, help=help_text, **extra)  # fmt: skip
 
 
+# What may differ when a run is resumed: where the data is and how the work is done, not what is computed.
+RESUMABLE_OVERRIDES = {"data_dir", "download", "verify_data", "device", "threads", "quiet", "checkpoint_every"}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    return dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.resume is None:
+        return dataclasses.replace(PRESETS[args.preset or "seed"], **given)
+    if args.preset:
+        raise MiniResNetError("--resume continues a run with its own config.json; drop --preset")
+    saved = load_run_config(args.resume)
+    changed = sorted(k for k, v in given.items() if k not in RESUMABLE_OVERRIDES and k != "out_dir")
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise MiniResNetError(f"{flags} cannot change when resuming (only the recipe in {args.resume} is continued); "
+                              f"options allowed with --resume: "
+                              + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE_OVERRIDES)))  # fmt: skip
+    return dataclasses.replace(saved, **given, out_dir=args.resume)
+
+
+def load_run_config(run_dir: str) -> TrainConfig:
+    from pathlib import Path
+
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    except FileNotFoundError:
+        raise MiniResNetError(f"there is no run to resume in {run_dir}: {path} does not exist") from None
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
+        raise MiniResNetError(f"{path} is not a readable run configuration: {e}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    summary = train(config_from_args(args))
+    summary = train(config_from_args(args), resume=args.resume is not None)
     print(json.dumps(summary))
     return 0
 
@@ -119,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model; last stdout line is a JSON summary")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="seed", help="starting configuration")
+    train.add_argument("--preset", choices=sorted(PRESETS), default=None, help="starting configuration (default: seed)")
+    train.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue the interrupted run in RUN_DIR from its last.pt, exactly")  # fmt: skip
     add_config_arguments(train)
     train.set_defaults(run=cmd_train)
 
@@ -159,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except MiniResNetError as e:
-        print(f"miniresnet: error: {e}", file=sys.stderr)
-        return 1
+        exit_code = getattr(e, "exit_code", 1)  # an interrupted run says how to resume; not an error
+        print(f"miniresnet: {'error: ' if exit_code == 1 else ''}{e}", file=sys.stderr)
+        return exit_code
     except KeyboardInterrupt:
         print("miniresnet: interrupted", file=sys.stderr)
         return 130

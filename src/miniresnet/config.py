@@ -53,6 +53,7 @@ class TrainConfig:
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
     threads: int = _opt(0, "CPU threads for PyTorch (0 = the cores this process may use)")
     eval_batch_size: int = _opt(100, "images per batch when evaluating (small batches stay in cache: faster on CPU)")
+    checkpoint_every: int = _opt(0, "also save last.pt every N optimizer steps within an epoch (0 = at epoch ends)")
     out_dir: str = _opt("runs/latest", "run directory: config.json, metrics.jsonl, checkpoints")
     overwrite: bool = _opt(False, "replace a run already in --out")
     quiet: bool = _opt(False, "no progress bars: one log line per epoch")
@@ -66,7 +67,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step_epochs", "blocks_per_stage", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("crop_padding", "val_split", "threads", "weight_decay", "eval_every"):
+        for name in ("crop_padding", "val_split", "threads", "weight_decay", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:

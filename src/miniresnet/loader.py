@@ -7,14 +7,15 @@ from collections.abc import Iterator
 
 import torch
 
-from .augment import normalize, pad, random_crop_flip
+from .augment import crop_flip, normalize, pad, random_crops
 
 
 class BatchLoader:
     """Yields (images, labels) batches: float32 normalised images, int64 labels.
 
-    Randomness comes from a generator seeded by (seed, epoch), so an epoch's order and
-    augmentation are the same whenever it is replayed, e.g. after a resume.
+    Randomness comes from a generator seeded by (seed, epoch), drawn for the whole epoch up front,
+    so an epoch's order and augmentation are the same whenever it is replayed, and `batches(start)`
+    can begin at any batch of it (a resume from a mid-epoch checkpoint).
     """
 
     def __init__(
@@ -51,15 +52,21 @@ class BatchLoader:
         return -(-len(self.labels) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches(0)
+
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch number `start` on."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.labels)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        order = order.to(self.labels.device)
         augment = self.crop_padding > 0 or self.flip
-        for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size]
+        if augment:
+            dy, dx, mirrored = random_crops(n, 2 * self.crop_padding, self.flip, generator)
+        for first in range(start * self.batch_size, n, self.batch_size):
+            picked = slice(first, first + self.batch_size)
+            index = order[picked].to(self.labels.device)
             images = self.images[index]
             if augment:
-                images = random_crop_flip(images, self.size, self.flip, generator)
+                images = crop_flip(images, self.size, dy[picked], dx[picked], mirrored[picked])
             images = normalize(images, self.mean, self.std)
             yield images.contiguous(memory_format=self.memory_format), self.labels[index]

@@ -3,14 +3,24 @@
 Load the data once into memory, build the model and optimizer, then for each epoch: one pass of
 augmented batches, an evaluation on the test set (and the validation split, if any), one line of
 metrics.jsonl and a checkpoint. The summary's accuracy is the final epoch's, never the best one.
+
+A run can stop and carry on: `last.pt` holds everything the next step depends on (weights,
+optimizer, EMA, where in which epoch, the epoch's running sums, the metrics so far), the data
+order comes from (seed, epoch) alone, so `train(cfg, resume=True)` continues exactly where the
+checkpoint left off. SIGINT and SIGTERM finish the current step, save, and stop.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .augment import channel_stats
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import CLASSES, download_cifar10, find_batches_dir, load_cifar10
 from .ema import EMA
@@ -27,6 +37,25 @@ from .evaluate import evaluate
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs, count_parameters
 from .runtime import autocast, autocast_dtype, resolve_device, set_threads
+
+
+class TrainingInterrupted(MiniResNetError):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved. Exit status 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class EpochTally:
+    """The current epoch's progress and running sums; mid-epoch checkpoints carry it, so a resumed
+    epoch starts at the right batch and reports the same loss and accuracy as an unbroken one."""
+
+    step: int = 0
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    correct: int = 0
+    seen: int = 0
 
 
 def load_data(cfg: TrainConfig):
@@ -67,19 +96,62 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.Adam(groups, lr=cfg.lr)
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
+def open_run_dir(cfg: TrainConfig, resume: bool) -> dict | None:
+    """A fresh run refuses a directory holding another run (unless `overwrite`); a resumed one
+    needs its checkpoint, which is returned."""
     out = Path(cfg.out_dir)
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise MiniResNetError(f"there is no run to resume in {out}: {out / 'last.pt'} does not exist")
+        return load_checkpoint(out / "last.pt")
     if (out / "config.json").exists() and not cfg.overwrite:
-        raise MiniResNetError(f"{out} already holds a run; choose another --out, or pass --overwrite to replace it")
+        raise MiniResNetError(
+            f"{out} already holds a run; choose another --out, pass --resume {out} to continue it, "
+            "or --overwrite to replace it"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").write_text("")
-    return out
+    for stale in ("metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+        (out / stale).unlink(missing_ok=True)
+    return None
 
 
-def train(cfg: TrainConfig) -> dict:
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only raise a flag that the loop checks between steps, so
+    the weights are never saved half-updated. A second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, _frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint")
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or, with `resume`, continue) the training `cfg` describes; returns the summary."""
     started = time.perf_counter()
     cfg.validate()
-    out = prepare_run_dir(cfg)
+    state = open_run_dir(cfg, resume)
+    out = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     threads = set_threads(cfg.threads)
     dtype = autocast_dtype(cfg.precision, device)
@@ -107,50 +179,111 @@ def train(cfg: TrainConfig) -> dict:
     ema = EMA(model, cfg.ema) if cfg.ema else None
     final_model = ema.model if ema else model  # the one evaluated and saved
 
-    resolved = {
-        **cfg.to_dict(),
-        "resolved": {
-            "device": str(device), "threads": threads, "autocast": str(dtype) if dtype else None,
-            "train_images": n_train, "val_images": cfg.val_split, "params": params, "macs": macs,
-            "mean": mean.tolist(), "std": std.tolist(), "torch": torch.__version__,
-        },
-    }  # fmt: skip
-    (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    history: list[dict] = []  # one metrics record per finished epoch
+    tally = EpochTally()
+    best_val = -1.0
+    earlier_seconds = 0.0  # spent by the process(es) before a resume
+    if state:
+        model.load_state_dict(state["trained_model"] if ema else state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        history, best_val, earlier_seconds = state["history"], state["best_val"], state["seconds"]
+        tally = EpochTally(**state["tally"])
+        log(f"resuming {out} after epoch {state['epoch']}" + (f", step {tally.step}" if tally.step else ""))
+    else:
+        resolved = {
+            **cfg.to_dict(),
+            "resolved": {
+                "device": str(device), "threads": threads, "autocast": str(dtype) if dtype else None,
+                "train_images": n_train, "val_images": cfg.val_split, "params": params, "macs": macs,
+                "mean": mean.tolist(), "std": std.tolist(), "torch": torch.__version__,
+            },
+        }  # fmt: skip
+        write_text_atomically(out / "config.json", json.dumps(resolved, indent=2) + "\n")
+    write_text_atomically(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     log(f"MiniResNet{cfg.widths}: {params:,} parameters, {macs / 1e6:.1f}M MACs/image; "
-             f"{n_train:,} training images on {device} ({threads} threads, {cfg.precision})")  # fmt: skip
+        f"{n_train:,} training images on {device} ({threads} threads, {cfg.precision})")  # fmt: skip
 
-    record: dict = {}
-    for epoch in range(cfg.epochs):
-        train_loader.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        lr = learning_rate(cfg, epoch * len(train_loader), len(train_loader))
-        train_loss, train_acc = train_one_epoch(model, optimizer, train_loader, device, dtype, cfg, epoch, ema)
-        train_seconds = time.perf_counter() - epoch_start
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
-        last = epoch + 1 == cfg.epochs
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            for name, (images, labels) in eval_sets.items():
-                for tta in ("none", cfg.tta) if last and cfg.tta != "none" else ("none",):
-                    result = evaluate(final_model, images, labels, mean, std, batch_size=cfg.eval_batch_size,
-                                      device=device, dtype=dtype, channels_last=cfg.channels_last, tta=tta)  # fmt: skip
-                    suffix = "" if tta == "none" else "_tta"
-                    record[f"{name}_loss{suffix}"], record[f"{name}_acc{suffix}"] = result["loss"], result["accuracy"]
-        record["seconds"] = time.perf_counter() - epoch_start
-        record["elapsed"] = time.perf_counter() - started
-        record["images_per_sec"] = n_train / train_seconds
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def elapsed() -> float:
+        return earlier_seconds + time.perf_counter() - started
+
+    def save(path: Path, epochs_done: int) -> None:
         save_checkpoint(
             {"arch": model.arch(), "model": final_model.state_dict(), "classes": list(CLASSES),
-             "mean": mean.tolist(), "std": std.tolist(), "config": cfg.to_dict(), "epoch": epoch + 1,
+             "mean": mean.tolist(), "std": std.tolist(), "config": cfg.to_dict(), "epoch": epochs_done,
              "optimizer": optimizer.state_dict(), "trained_model": model.state_dict() if ema else None,
-             "ema": ema.state_dict() if ema else None},
-            out / "last.pt",
+             "ema": ema.state_dict() if ema else None, "tally": vars(tally).copy(), "history": history,
+             "best_val": best_val, "seconds": elapsed(),
+             "rng": {"cpu": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}},
+            path,
         )  # fmt: skip
-        evaluated = "".join(f"  {k} {v:.4f}" for k, v in record.items() if "_acc" in k and k != "train_acc")
-        log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {train_loss:.4f} acc {train_acc:.4f}"
-            f"{evaluated}  {record['seconds']:.1f}s  {record['images_per_sec']:.0f} img/s")  # fmt: skip
 
+    def evaluate_all(ttas: tuple[str, ...]) -> dict:
+        """{test,val}_{acc,loss}, with a _tta suffix for the augmented evaluation."""
+        record = {}
+        for name, (images, labels) in eval_sets.items():
+            for tta in ttas:
+                result = evaluate(final_model, images, labels, mean, std, batch_size=cfg.eval_batch_size,
+                                  device=device, dtype=dtype, channels_last=cfg.channels_last, tta=tta)  # fmt: skip
+                suffix = "" if tta == "none" else "_tta"
+                record[f"{name}_loss{suffix}"], record[f"{name}_acc{suffix}"] = result["loss"], result["accuracy"]
+        return record
+
+    def stop_if_asked(epochs_done: int) -> None:
+        if stop.received is None:
+            return
+        where = f"epoch {epochs_done}" + (f" and step {tally.step} of epoch {epochs_done + 1}" if tally.step else "")
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(stop.received).name} after {where}; checkpoint {out / 'last.pt'}. "
+            f"Continue with: miniresnet train --resume {out}",
+            stop.received,
+        )
+
+    def after_step(epoch: int) -> None:
+        if cfg.checkpoint_every and tally.step % cfg.checkpoint_every == 0 and tally.step < len(train_loader):
+            save(out / "last.pt", epoch)
+        if stop.received is not None:
+            save(out / "last.pt", epoch)
+            stop_if_asked(epoch)
+
+    with StopSignals() as stop:
+        for epoch in range(len(history), cfg.epochs):
+            train_loader.set_epoch(epoch)
+            epoch_start = time.perf_counter()
+            train_loss, train_acc = train_one_epoch(
+                model, optimizer, train_loader, device, dtype, cfg, epoch, ema, tally,
+                after_step=functools.partial(after_step, epoch), checkpoint=out / "last.pt",
+            )  # fmt: skip
+            tally = EpochTally()
+            train_seconds = time.perf_counter() - epoch_start
+            lr = learning_rate(cfg, epoch * len(train_loader), len(train_loader))
+            record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
+            last = epoch + 1 == cfg.epochs
+            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                record |= evaluate_all(("none", cfg.tta) if last and cfg.tta != "none" else ("none",))
+            record["seconds"] = time.perf_counter() - epoch_start
+            record["elapsed"] = elapsed()
+            record["images_per_sec"] = n_train / train_seconds
+            history.append(record)
+            improved = "val_acc" in record and record["val_acc"] > best_val
+            best_val = max(best_val, record.get("val_acc", best_val))
+            save(out / "last.pt", epoch + 1)
+            if improved:
+                save(out / "best.pt", epoch + 1)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            evaluated = "".join(f"  {k} {v:.4f}" for k, v in record.items() if "_acc" in k and k != "train_acc")
+            log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {train_loss:.4f} acc {train_acc:.4f}"
+                f"{evaluated}  {record['seconds']:.1f}s  {record['images_per_sec']:.0f} img/s")  # fmt: skip
+            if not last:
+                stop_if_asked(epoch + 1)
+
+    record = history[-1]
     headline = "_tta" if cfg.tta != "none" else ""
     summary = {
         "test_acc": record[f"test_acc{headline}"],
@@ -159,54 +292,70 @@ def train(cfg: TrainConfig) -> dict:
         "tta": cfg.tta,
         **({"val_acc": record[f"val_acc{headline}"], "val_acc_plain": record["val_acc"]} if cfg.val_split else {}),
         "epochs": cfg.epochs,
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(elapsed(), 2),
         "seed": cfg.seed,
         "precision": cfg.precision,
         "device": str(device),
         "params": params,
         "run_dir": str(out),
         "checkpoint": str(out / "last.pt"),
+        **({"best_checkpoint": str(out / "best.pt"), "best_val_acc": best_val} if cfg.val_split else {}),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def train_one_epoch(
-    model, optimizer, loader, device, dtype, cfg: TrainConfig, epoch: int, ema: EMA | None = None
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: BatchLoader,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    cfg: TrainConfig,
+    epoch: int,
+    ema: EMA | None = None,
+    tally: EpochTally | None = None,
+    after_step=None,
+    checkpoint: Path | None = None,
 ) -> tuple[float, float]:
-    """One pass over the shuffled, augmented training set, setting the lr before every step;
-    returns mean loss and accuracy."""
+    """One pass over the shuffled, augmented training set from batch `tally.step` on, setting the
+    lr before every step and calling `after_step()` after it; returns mean loss and accuracy.
+    A non-finite loss stops the run before the step is taken, so the last checkpoint stays good."""
+    tally = tally or EpochTally()
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-               disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-    start = time.perf_counter()
-    for step, (x, y) in enumerate(bar):
-        lr = learning_rate(cfg, epoch * len(loader) + step, len(loader))
+    bar = tqdm(loader.batches(tally.step), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", initial=tally.step,
+               total=len(loader), leave=False, disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    start, seen_before = time.perf_counter(), tally.seen
+    for x, y in bar:
+        lr = learning_rate(cfg, epoch * len(loader) + tally.step, len(loader))
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, dtype):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if not math.isfinite(loss.item()):
+            kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
+            raise MiniResNetError(
+                f"the training loss became {loss.item()} at step {tally.step + 1} of epoch {epoch + 1} "
+                f"(lr {lr:.3g}, {cfg.precision}){kept}. Lower --lr or add --warmup"
+                + (", or use --precision fp32" if cfg.precision != "fp32" else "")
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if ema:
             ema.update()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        if step % 20 == 0 and not cfg.quiet:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
-    mean_loss = loss_sum.item() / seen
-    if not math.isfinite(mean_loss):
-        raise MiniResNetError(
-            f"the training loss became {mean_loss} in epoch {epoch + 1}; lower --lr or use --precision fp32"
-        )
-    return mean_loss, correct.item() / seen
+        tally.step += 1
+        tally.loss_sum += loss.detach().double().cpu() * len(y)
+        tally.correct += int((logits.argmax(1) == y).sum())
+        tally.seen += len(y)
+        if tally.step % 20 == 0 and not cfg.quiet:
+            rate = (tally.seen - seen_before) / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{tally.loss_sum.item() / tally.seen:.3f}",
+                            acc=f"{tally.correct / tally.seen:.3f}", img_s=f"{rate:.0f}")  # fmt: skip
+        if after_step:
+            after_step()
+    return tally.loss_sum.item() / tally.seen, tally.correct / tally.seen
 
 
 def log(message: str) -> None:
