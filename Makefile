@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet -e ".[dev,plots]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
 # Train the seed recipe on CIFAR-10 (downloaded into DATA_DIR when missing) and report test accuracy.

@@ -156,3 +156,17 @@ def test_resume_needs_a_run_and_a_fresh_run_refuses_an_old_one(tiny_data, tmp_pa
     train(tiny_config(tiny_data, tmp_path / "run", epochs=1))
     with pytest.raises(MiniResNetError, match="--resume"):
         train(tiny_config(tiny_data, tmp_path / "run", epochs=1))
+
+
+def test_tensorboard_scalars_match_metrics(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra: pip install 'miniresnet[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, epochs=2, tensorboard=True))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    metrics = read_metrics(out)
+    logged = [(e.step, e.value) for e in events.Scalars("test/acc")]
+    assert logged == [(m["epoch"], pytest.approx(m["test_acc"])) for m in metrics]
+    assert {"train/loss", "train/acc", "test/loss", "lr"} <= set(events.Tags()["scalars"])

@@ -79,32 +79,127 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def load_for_inference(args: argparse.Namespace):
+    """The checkpoint's model on the chosen device, and the autocast dtype to run it in."""
     import torch
 
     from .checkpoint import load_model
-    from .data import CLASSES, load_cifar10
-    from .evaluate import evaluate
     from .runtime import autocast_dtype, resolve_device, set_threads
 
     set_threads(args.threads)
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device).to(memory_format=torch.channels_last)
-    data = load_cifar10(args.data_dir, verify=args.verify_data)
-    result = evaluate(model, data.test_images, data.test_labels, model.mean, model.std,
-                      batch_size=args.batch_size, device=device,
-                      dtype=autocast_dtype(args.precision, device))  # fmt: skip
+    return model, device, autocast_dtype(args.precision, device)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import metrics, predict_logits
+
+    model, device, dtype = load_for_inference(args)
+    if args.image_folder:
+        from .images import load_image_folder
+
+        images, labels, _ = load_image_folder(args.image_folder, model.classes)
+        source = str(args.image_folder)
+    else:
+        from .data import load_cifar10
+
+        data = load_cifar10(args.data_dir, verify=args.verify_data)
+        images, labels, source = data.test_images, data.test_labels, "CIFAR-10 test set"
+    logits = predict_logits(model, images, model.mean, model.std, batch_size=args.batch_size, device=device,
+                            dtype=dtype, tta=args.tta)  # fmt: skip
+    result = {**metrics(logits, labels, model.classes), "tta": args.tta, "source": source}
+    if args.plots:
+        from .plots import plot_confusion, plot_misclassified
+
+        title = f"{source}: accuracy {result['accuracy']:.2%}"
+        for path in (
+            plot_confusion(result["confusion"], model.classes, Path(args.plots) / "confusion.png", title),
+            plot_misclassified(images, labels, logits, model.classes, Path(args.plots) / "misclassified.png"),
+        ):
+            print(f"wrote {path}", file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"test accuracy {result['accuracy']:.4f} on {result['n']:,} images (loss {result['loss']:.4f})\n")
+    tta = "" if args.tta == "none" else f", {args.tta} TTA"
+    print(f"accuracy {result['accuracy']:.4f} on {result['n']:,} images of {source} (loss {result['loss']:.4f}{tta})\n")
     print(f"{'class':<12}{'accuracy':>9}")
     for name, acc in result["per_class"].items():
         print(f"{name:<12}{acc:>9.4f}")
     print("\nconfusion matrix (rows: true class, columns: predicted)")
-    print(" " * 12 + "".join(f"{c[:5]:>6}" for c in CLASSES))
-    for name, row in zip(CLASSES, result["confusion"], strict=True):
+    print(" " * 12 + "".join(f"{c[:5]:>6}" for c in model.classes))
+    for name, row in zip(model.classes, result["confusion"], strict=True):
         print(f"{name:<12}" + "".join(f"{v:>6}" for v in row))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k classes per image; an unreadable file gets its own error line, the rest are still
+    predicted, and the exit status is 1 if any file failed."""
+    import torch
+
+    from .evaluate import predict_logits
+    from .images import find_images, load_image
+
+    model, device, dtype = load_for_inference(args)
+    if not 1 <= args.top_k <= len(model.classes):
+        raise MiniResNetError(f"--top-k must be between 1 and {len(model.classes)}, got {args.top_k}")
+    files = find_images(args.inputs)
+    if not files:
+        raise MiniResNetError(f"no image files found in {' '.join(args.inputs)}")
+    images, errors = {}, {}
+    for f in files:
+        try:
+            images[f] = load_image(f)
+        except MiniResNetError as e:
+            errors[f] = str(e)
+    probs = {}
+    if images:
+        logits = predict_logits(model, torch.stack(list(images.values())), model.mean, model.std,
+                                batch_size=args.batch_size, device=device, dtype=dtype, tta=args.tta)  # fmt: skip
+        probs = dict(zip(images, logits.softmax(1), strict=True))
+    for f in files:
+        if f in errors:
+            if args.json:
+                print(json.dumps({"file": str(f), "error": errors[f]}))
+            print(f"miniresnet: error: {errors[f]}", file=sys.stderr)
+            continue
+        top = probs[f].topk(args.top_k)
+        ranked = [(model.classes[i], round(p, 6)) for p, i in zip(*map(torch.Tensor.tolist, top), strict=True)]
+        if args.json:
+            print(json.dumps({"file": str(f), "top_k": [{"class": c, "probability": p} for c, p in ranked]}))
+        else:
+            print(f"{f}: " + ", ".join(f"{c} {p:.1%}" for c, p in ranked))
+    if errors:
+        print(f"miniresnet: {len(errors)} of {len(files)} files could not be read", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .data import load_cifar10
+    from .export import export
+    from .runtime import set_threads
+
+    set_threads(args.threads)
+    data = load_cifar10(args.data_dir, verify=args.verify_data)
+    result = export(args.checkpoint, args.format, args.out, data.test_images[: args.check_images])
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    diff = result["max_abs_logit_diff"]
+    check = f"max abs logit difference {diff:.2e}" if diff is not None else "no numerical check"
+    print(f"wrote {result['path']} ({result['bytes']:,} bytes, {args.format}); checked with {result['checked_with']} "
+          f"on {result['checked_on_images']} test images: {check}\ninput: {result['input']}; output: logits over "
+          f"{', '.join(result['classes'])}")  # fmt: skip
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
     return 0
 
 
@@ -155,17 +250,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.set_defaults(run=cmd_train)
 
+    def inference_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("checkpoint", help="a .pt file written by `miniresnet train`")
+        sub.add_argument("--tta", choices=("none", "flip", "flip-translate"), default="none",
+                         help="test-time augmentation: mean logits over the image and its mirror (flip), "
+                              "and their 2-pixel shifts (flip-translate)")  # fmt: skip
+        sub.add_argument("--batch-size", type=positive_int, default=100)
+        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        sub.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+        sub.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix")
-    evaluate.add_argument("checkpoint", help="a .pt file written by `miniresnet train`")
+    inference_options(evaluate)
     evaluate.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-bin/")
+    evaluate.add_argument("--image-folder", metavar="DIR",
+                          help="evaluate on DIR/<class name>/<images> instead of the CIFAR-10 test set")  # fmt: skip
+    evaluate.add_argument("--plots", metavar="DIR", help="also write DIR/confusion.png and DIR/misclassified.png")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    evaluate.add_argument("--batch-size", type=positive_int, default=100)
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    evaluate.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    evaluate.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
     evaluate.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=True,
                           help="check the data files against their published MD5s")  # fmt: skip
     evaluate.set_defaults(run=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="top-k classes of image files (PNG, JPEG, BMP, WebP)")
+    inference_options(predict)
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or directories of them")
+    predict.add_argument("--top-k", type=positive_int, default=3, help="classes to show per image")
+    predict.add_argument("--json", action="store_true", help="one JSON object per file")
+    predict.set_defaults(run=cmd_predict)
+
+    export = commands.add_parser("export", help="write the model as ONNX, TorchScript or safetensors, checked")
+    export.add_argument("checkpoint", help="a .pt file written by `miniresnet train`")
+    export.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), required=True)
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--data-dir", default="data", help="CIFAR-10, whose test images the check runs on")
+    export.add_argument("--check-images", type=positive_int, default=256, help="test images to compare logits on")
+    export.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=True,
+                        help="check the data files against their published MD5s")  # fmt: skip
+    export.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
+    export.set_defaults(run=cmd_export)
+
+    report = commands.add_parser("report", help="write RUN_DIR/report.html: figures, plots, per-class table, config")
+    report.add_argument("run_dir", help="a directory written by `miniresnet train`")
+    report.set_defaults(run=cmd_report)
 
     download = commands.add_parser("download", help="fetch and verify the CIFAR-10 binary release")
     download.add_argument("--data-dir", default="data", help="where cifar-10-batches-bin/ will be")

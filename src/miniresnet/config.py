@@ -53,6 +53,7 @@ class TrainConfig:
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
     threads: int = _opt(0, "CPU threads for PyTorch (0 = the cores this process may use)")
     eval_batch_size: int = _opt(100, "images per batch when evaluating (small batches stay in cache: faster on CPU)")
+    tensorboard: bool = _opt(False, "also log every epoch's metrics as TensorBoard scalars in --out/tensorboard")
     checkpoint_every: int = _opt(0, "also save last.pt every N optimizer steps within an epoch (0 = at epoch ends)")
     out_dir: str = _opt("runs/latest", "run directory: config.json, metrics.jsonl, checkpoints")
     overwrite: bool = _opt(False, "replace a run already in --out")

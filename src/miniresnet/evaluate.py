@@ -14,44 +14,52 @@ TTA_MODES = ("none", "flip", "flip-translate")
 
 
 @torch.no_grad()
-def evaluate(
+def predict_logits(
     model: nn.Module,
     images: torch.Tensor,
-    labels: torch.Tensor,
     mean: torch.Tensor,
     std: torch.Tensor,
     *,
-    batch_size: int = 1000,
+    batch_size: int = 100,
     device: torch.device = torch.device("cpu"),
     dtype: torch.dtype | None = None,
     channels_last: bool = True,
     tta: str = "none",
-) -> dict:
-    """Every image once, in order; returns plain numbers (JSON-ready). With `tta`, each image's
-    logits are the mean over its augmented views (see `views`)."""
-    loader = BatchLoader(images, labels, batch_size, mean, std, device=device, channels_last=channels_last)
+) -> torch.Tensor:
+    """float32 logits (N, classes) on the CPU for uint8 images, in order, in eval mode. With `tta`,
+    each image's logits are the mean over its augmented views (see `views`)."""
+    no_labels = torch.zeros(len(images), dtype=torch.int64)
+    loader = BatchLoader(images, no_labels, batch_size, mean, std, device=device, channels_last=channels_last)
     was_training = model.training
     model.eval()
-    num_classes = len(CLASSES)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    loss_sum = 0.0
-    for x, y in loader:
+    out = []
+    for x, _ in loader:
         with autocast(device, dtype):
-            logits = torch.stack([model(v).float() for v in views(x, tta)]).mean(0)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        predicted = logits.argmax(1)
-        pairs = (y * num_classes + predicted).cpu()
-        confusion += torch.bincount(pairs, minlength=num_classes**2).view(num_classes, num_classes)
+            out.append(torch.stack([model(v).float() for v in views(x, tta)]).mean(0).cpu())
     model.train(was_training)
-    n = int(confusion.sum())
+    return torch.cat(out)
+
+
+def metrics(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...] = CLASSES) -> dict:
+    """Accuracy, mean loss, per-class accuracy and the confusion matrix (rows: true class),
+    as plain numbers (JSON-ready)."""
+    k = len(classes)
+    pairs = labels.cpu() * k + logits.argmax(1)
+    confusion = torch.bincount(pairs, minlength=k * k).view(k, k)
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     return {
-        "accuracy": confusion.diag().sum().item() / n,
-        "loss": loss_sum / n,
-        "n": n,
-        "per_class": {c: round(v, 6) for c, v in zip(CLASSES, per_class, strict=True)},
+        "accuracy": confusion.diag().sum().item() / len(labels),
+        "loss": F.cross_entropy(logits, labels.cpu()).item(),
+        "n": len(labels),
+        "per_class": {c: round(v, 6) for c, v in zip(classes, per_class, strict=True)},
         "confusion": confusion.tolist(),
     }
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
+             std: torch.Tensor, **options) -> dict:  # fmt: skip
+    """`metrics` of the model's predictions on a labelled set; options as for `predict_logits`."""
+    return metrics(predict_logits(model, images, mean, std, **options), labels)
 
 
 def views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:

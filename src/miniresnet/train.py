@@ -33,9 +33,10 @@ from .config import TrainConfig
 from .data import CLASSES, download_cifar10, find_batches_dir, load_cifar10
 from .ema import EMA
 from .errors import MiniResNetError
-from .evaluate import evaluate
+from .evaluate import metrics, predict_logits
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs, count_parameters
+from .plots import NO_MATPLOTLIB, have_matplotlib, plot_confusion, plot_curves, plot_misclassified
 from .runtime import autocast, autocast_dtype, resolve_device, set_threads
 
 
@@ -103,14 +104,18 @@ def open_run_dir(cfg: TrainConfig, resume: bool) -> dict | None:
     if resume:
         if not (out / "last.pt").is_file():
             raise MiniResNetError(f"there is no run to resume in {out}: {out / 'last.pt'} does not exist")
-        return load_checkpoint(out / "last.pt")
+        state = load_checkpoint(out / "last.pt")
+        if state.get("epoch") == cfg.epochs:
+            raise MiniResNetError(f"the run in {out} has already finished all {cfg.epochs} epochs (see summary.json)")
+        return state
     if (out / "config.json").exists() and not cfg.overwrite:
         raise MiniResNetError(
             f"{out} already holds a run; choose another --out, pass --resume {out} to continue it, "
             "or --overwrite to replace it"
         )
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "last.pt", "best.pt", "summary.json"):
+    for stale in ("metrics.jsonl", "last.pt", "best.pt", "summary.json", "test_eval.json", "report.html",
+                  "curves.png", "confusion.png", "misclassified.png"):  # fmt: skip
         (out / stale).unlink(missing_ok=True)
     return None
 
@@ -223,15 +228,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             path,
         )  # fmt: skip
 
+    inference = dict(batch_size=cfg.eval_batch_size, device=device, dtype=dtype, channels_last=cfg.channels_last)
+    final_test: dict = {}  # the last epoch's test logits and metrics, for test_eval.json and the plots
+
     def evaluate_all(ttas: tuple[str, ...]) -> dict:
         """{test,val}_{acc,loss}, with a _tta suffix for the augmented evaluation."""
         record = {}
         for name, (images, labels) in eval_sets.items():
             for tta in ttas:
-                result = evaluate(final_model, images, labels, mean, std, batch_size=cfg.eval_batch_size,
-                                  device=device, dtype=dtype, channels_last=cfg.channels_last, tta=tta)  # fmt: skip
+                logits = predict_logits(final_model, images, mean, std, tta=tta, **inference)
+                result = metrics(logits, labels)
                 suffix = "" if tta == "none" else "_tta"
                 record[f"{name}_loss{suffix}"], record[f"{name}_acc{suffix}"] = result["loss"], result["accuracy"]
+                if name == "test":
+                    final_test.update(logits=logits, result={**result, "tta": tta})
         return record
 
     def stop_if_asked(epochs_done: int) -> None:
@@ -251,6 +261,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             save(out / "last.pt", epoch)
             stop_if_asked(epoch)
 
+    scalars = tensorboard_writer(out) if cfg.tensorboard else None
     with StopSignals() as stop:
         for epoch in range(len(history), cfg.epochs):
             train_loader.set_epoch(epoch)
@@ -277,12 +288,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 save(out / "best.pt", epoch + 1)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if scalars:
+                for key, value in record.items():
+                    scalars.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
+                scalars.flush()
             evaluated = "".join(f"  {k} {v:.4f}" for k, v in record.items() if "_acc" in k and k != "train_acc")
             log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {train_loss:.4f} acc {train_acc:.4f}"
                 f"{evaluated}  {record['seconds']:.1f}s  {record['images_per_sec']:.0f} img/s")  # fmt: skip
             if not last:
                 stop_if_asked(epoch + 1)
 
+    if scalars:
+        scalars.close()
     record = history[-1]
     headline = "_tta" if cfg.tta != "none" else ""
     summary = {
@@ -301,8 +318,31 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "checkpoint": str(out / "last.pt"),
         **({"best_checkpoint": str(out / "best.pt"), "best_val_acc": best_val} if cfg.val_split else {}),
     }
+    write_text_atomically(out / "test_eval.json", json.dumps(final_test["result"]) + "\n")
+    write_plots(out, history, data.test_images, data.test_labels, final_test)
     write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise MiniResNetError(
+            "--tensorboard needs the tensorboard package: pip install 'miniresnet[tensorboard]'"
+        ) from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def write_plots(out: Path, history: list[dict], images: torch.Tensor, labels: torch.Tensor, final_test: dict) -> None:
+    """curves.png, confusion.png and misclassified.png in the run directory, when matplotlib is there."""
+    if not have_matplotlib():
+        log(f"no plots written: {NO_MATPLOTLIB}")
+        return
+    plot_curves(history, out / "curves.png")
+    result = final_test["result"]
+    plot_confusion(result["confusion"], CLASSES, out / "confusion.png", f"test set: accuracy {result['accuracy']:.2%}")
+    plot_misclassified(images, labels, final_test["logits"], CLASSES, out / "misclassified.png")
 
 
 def train_one_epoch(

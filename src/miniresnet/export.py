@@ -1,0 +1,141 @@
+"""`miniresnet export`: a trained model as ONNX, TorchScript or safetensors, with its input
+normalisation inside, checked against the PyTorch model on real test images before the file is
+put in place.
+
+Every exported model takes float32 RGB images, shape (N, 3, 32, 32), scaled to [0, 1] (uint8
+pixels divided by 255), and returns logits (N, 10) in the order of the checkpoint's classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_model
+from .errors import MiniResNetError
+from .model import MiniResNet
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+TOLERANCE = 1e-3  # max abs logit difference accepted (float32 kernels differ between runtimes)
+
+
+class NormalizedModel(nn.Module):
+    """A MiniResNet that takes [0, 1] images: the training set's per-channel mean and std are buffers."""
+
+    def __init__(self, model: MiniResNet, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean) / self.std)
+
+
+def _require(module: str, extra: str = "export"):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise MiniResNetError(f"this export needs {module}: pip install 'miniresnet[{extra}]'") from None
+
+
+def _write_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path):
+    _require("onnx")
+    _require("onnxscript")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["logits"],
+                      dynamic_shapes=({0: batch},), dynamo=True, verbose=False)  # fmt: skip
+
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        try:
+            import onnxruntime
+        except ImportError:
+            return None
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+
+    return run
+
+
+def _write_torchscript(wrapped: nn.Module, example: torch.Tensor, path: Path):
+    # PyTorch deprecates TorchScript in favour of torch.export, but it is still what C++ and
+    # mobile runtimes load; the warning says nothing the user can act on here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(wrapped).save(str(path))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path)).eval()(x)
+
+    return run
+
+
+def _write_safetensors(wrapped: NormalizedModel, arch: dict, classes: tuple[str, ...], path: Path):
+    safetensors = _require("safetensors.torch")
+    metadata = {"format": "miniresnet", "arch": json.dumps(arch), "classes": json.dumps(list(classes)),
+                "input": "float32 RGB (N, 3, 32, 32) in [0, 1]; normalisation is the mean/std tensors"}  # fmt: skip
+    safetensors.save_file({k: v.contiguous() for k, v in wrapped.state_dict().items()}, str(path), metadata)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        rebuilt = NormalizedModel(MiniResNet(**load_safetensors_arch(path)), torch.zeros(3), torch.ones(3))
+        rebuilt.load_state_dict(safetensors.load_file(str(path)))
+        return rebuilt.eval()(x)
+
+    return run
+
+
+def load_safetensors_arch(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        arch = json.loads(f.metadata()["arch"])
+    arch["widths"] = tuple(arch["widths"])
+    return arch
+
+
+@torch.no_grad()
+def export(checkpoint: str | Path, fmt: str, out: str | Path, images: torch.Tensor) -> dict:
+    """Write `out` in `fmt` and compare its logits with PyTorch's on `images` (uint8, N x 3 x 32 x 32).
+    The file is written beside `out` and renamed into place only when the check passes."""
+    if fmt not in FORMATS:
+        raise MiniResNetError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    model = load_model(checkpoint)
+    wrapped = NormalizedModel(model, model.mean, model.std).eval()
+    x = images.float() / 255
+    expected = wrapped(x)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        if fmt == "onnx":
+            run = _write_onnx(wrapped, x[:2], tmp)
+        elif fmt == "torchscript":
+            run = _write_torchscript(wrapped, x[:2], tmp)
+        else:
+            run = _write_safetensors(wrapped, model.arch(), model.classes, tmp)
+        got = run(x)
+        if got is None:
+            checked_with = "onnx.checker only (install onnxruntime for a numerical check)"
+            _require("onnx").checker.check_model(str(tmp))
+            max_diff, agreement = None, None
+        else:
+            checked_with = {"onnx": "onnxruntime", "torchscript": "torch.jit.load",
+                            "safetensors": "a MiniResNet rebuilt from the file"}[fmt]  # fmt: skip
+            max_diff = (got - expected).abs().max().item()
+            agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+            if not max_diff <= TOLERANCE:
+                raise MiniResNetError(f"the exported {fmt} model disagrees with PyTorch: max abs logit difference "
+                                      f"{max_diff:.3g} > {TOLERANCE}; nothing was written")  # fmt: skip
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"format": fmt, "path": str(out), "bytes": out.stat().st_size, "checked_on_images": len(images),
+            "checked_with": checked_with, "max_abs_logit_diff": max_diff, "top1_agreement": agreement,
+            "input": "float32 RGB (N, 3, 32, 32) in [0, 1]", "classes": list(model.classes)}  # fmt: skip

@@ -1,0 +1,108 @@
+"""The pictures people would rather look at than read: learning curves, the confusion matrix and
+the most confidently misclassified images. matplotlib is an optional extra (`miniresnet[plots]`);
+without it every caller gets the same one-line hint instead of a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import MiniResNetError
+
+NO_MATPLOTLIB = "plots need matplotlib: pip install 'miniresnet[plots]'"
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MiniResNetError(NO_MATPLOTLIB) from None
+    return plt
+
+
+def plot_curves(history: list[dict], path: str | Path) -> Path:
+    """Loss, accuracy and learning rate against epoch, one panel each, from metrics.jsonl records."""
+    plt = _pyplot()
+    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for split, style in (("train", "-"), ("test", "-o"), ("val", "-s")):
+        points = [(m["epoch"], m[f"{split}_loss"], m[f"{split}_acc"]) for m in history if f"{split}_acc" in m]
+        if points:
+            epochs, losses, accs = zip(*points, strict=True)
+            loss_ax.plot(epochs, losses, style, label=split, markersize=3)
+            acc_ax.plot(epochs, [100 * a for a in accs], style, label=split, markersize=3)
+    lr_ax.plot([m["epoch"] for m in history], [m["lr"] for m in history], "-", color="tab:gray")
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy (%)"), (lr_ax, "learning rate (at epoch start)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    loss_ax.legend()
+    acc_ax.legend()
+    return _save(fig, path)
+
+
+def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: str | Path, title: str = "") -> Path:
+    """Each row normalised to sum to 1 (the share of a true class given each prediction)."""
+    plt = _pyplot()
+    counts = torch.tensor(confusion, dtype=torch.float64)
+    shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if shares[i, j] >= 0.005:
+                ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if shares[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_title(title or "confusion matrix (rows normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def plot_misclassified(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    classes: tuple[str, ...],
+    path: str | Path,
+    count: int = 24,
+) -> Path:
+    """A grid of the wrong predictions the model was surest of, with true and predicted labels."""
+    plt = _pyplot()
+    probs = logits.softmax(1)
+    confidence, predicted = probs.max(1)
+    wrong = (predicted != labels).nonzero().flatten()
+    worst = wrong[confidence[wrong].argsort(descending=True)][:count]
+    cols = 6
+    rows = max(1, -(-len(worst) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.9, rows * 2.2), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst.tolist(), strict=False):
+        ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"true {classes[labels[i]]}\npred {classes[predicted[i]]} {confidence[i]:.0%}", fontsize=8)
+    fig.suptitle(f"most confident mistakes ({len(wrong):,} wrong of {len(labels):,})", fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path

@@ -1,0 +1,200 @@
+"""After training: predict on image files, evaluate on image folders, plots, the HTML report and
+export, as a user runs them (through the CLI's main, in process)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_dataset, synthetic_images
+from miniresnet import MiniResNet, load_model
+from miniresnet.cli import main
+from miniresnet.config import TrainConfig
+from miniresnet.data import CLASSES
+from miniresnet.images import load_image
+from miniresnet.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(data dir, run dir) of a short run on tiny synthetic data."""
+    root = tmp_path_factory.mktemp("usage")
+    data = make_dataset(root / "data")
+    cfg = TrainConfig(data_dir=str(data), out_dir=str(root / "run"), epochs=2, batch_size=25, lr=3e-3, quiet=True,
+                      verify_data=False, download=False, eval_batch_size=64, tta="flip")  # fmt: skip
+    train(cfg)
+    return data, root / "run"
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def is_png(path: Path, min_side: int = 200) -> bool:
+    """A valid PNG (signature, IHDR, intact IDAT data) of at least min_side pixels each way."""
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", raw[16:24])
+    with Image.open(path) as image:
+        image.load()  # decodes every chunk: fails on a truncated or corrupt file
+    return width >= min_side and height >= min_side
+
+
+def save_images(folder: Path, images: np.ndarray, fmt: str = "png") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{i}.{fmt}"
+        Image.fromarray(image.transpose(1, 2, 0)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_training_writes_curves_confusion_and_mistakes(trained):
+    _, run = trained
+    for name in ("curves.png", "confusion.png", "misclassified.png"):
+        assert is_png(run / name), name
+    test_eval = json.loads((run / "test_eval.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert test_eval["accuracy"] == summary["test_acc"] and test_eval["tta"] == "flip"
+
+
+def test_report_shows_the_runs_figures_and_plots(trained, capsys):
+    _, run = trained
+    code, out, _ = run_cli(capsys, "report", str(run))
+    assert code == 0 and "report.html" in out
+    page = (run / "report.html").read_text()
+    for name in ("curves.png", "confusion.png", "misclassified.png"):
+        assert f'src="{name}"' in page
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for record in metrics:
+        assert f"<td>{record['train_loss']:.4f}</td>" in page and f"<td>{record['test_acc']:.4f}</td>" in page
+    assert page.count("<tr>") > len(metrics) + len(CLASSES)
+
+
+def test_report_of_a_directory_that_is_no_run(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "report", str(tmp_path))
+    assert code == 1 and "not a training run directory: config.json is missing" in err
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "RGB", "CMYK", "I;16"])
+def test_any_image_mode_and_size_becomes_32x32_rgb(tmp_path, mode):
+    image = Image.new("RGB", (97, 61), (200, 30, 30)).convert(mode)
+    path = tmp_path / f"image.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+    image.save(path)
+    tensor = load_image(path)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.uint8
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert (load_image(tmp_path / "clear.png") == 255).all()
+
+
+def test_predict_prints_top_k_and_reports_bad_files_without_stopping(trained, tmp_path, capsys):
+    _, run = trained
+    images, _ = synthetic_images(3, seed=7)
+    paths = save_images(tmp_path / "in", images, "png")
+    Image.fromarray(images[0].transpose(1, 2, 0)).resize((300, 200)).save(tmp_path / "in" / "big.jpg")
+    Image.fromarray(images[1].transpose(1, 2, 0)).save(tmp_path / "in" / "x.webp")
+    Image.fromarray(images[2].transpose(1, 2, 0)).save(tmp_path / "in" / "y.bmp")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, out, err = run_cli(capsys, "predict", str(run / "last.pt"), str(tmp_path / "in"), "--top-k", "2", "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and len(lines) == 7
+    good = [line for line in lines if "top_k" in line]
+    assert len(good) == 6 and all(len(line["top_k"]) == 2 for line in good)
+    assert all(line["top_k"][0]["probability"] >= line["top_k"][1]["probability"] for line in good)
+    assert all(line["top_k"][0]["class"] in CLASSES for line in good)
+    (bad,) = [line for line in lines if "error" in line]
+    assert bad["file"].endswith("broken.png") and "not a readable image" in bad["error"]
+    assert "1 of 7 files could not be read" in err
+
+    code, out, _ = run_cli(capsys, "predict", str(run / "last.pt"), str(paths[0]), "--tta", "flip")
+    assert code == 0 and out.startswith(str(paths[0])) and "%" in out
+
+
+def test_predict_agrees_with_the_model_on_the_same_pixels(trained, tmp_path, capsys):
+    _, run = trained
+    images, _ = synthetic_images(4, seed=11)
+    paths = save_images(tmp_path / "in", images)  # PNG is lossless: the same pixels come back
+    _, out, _ = run_cli(capsys, "predict", str(run / "last.pt"), *map(str, paths), "--top-k", "1", "--json")
+    model = load_model(run / "last.pt")
+    x = (torch.from_numpy(images).float() / 255 - model.mean.view(1, 3, 1, 1)) / model.std.view(1, 3, 1, 1)
+    expected = model(x).softmax(1)
+    for line, probs in zip(out.splitlines(), expected, strict=True):
+        top = json.loads(line)["top_k"][0]
+        assert top["class"] == CLASSES[probs.argmax()]
+        assert top["probability"] == pytest.approx(probs.max().item(), abs=1e-4)
+
+
+def test_evaluate_on_an_image_folder_matches_the_same_images_as_tensors(trained, tmp_path, capsys):
+    _, run = trained
+    images, labels = synthetic_images(30, seed=5)
+    for cls in range(10):
+        save_images(tmp_path / "folder" / CLASSES[cls], images[labels == cls])
+    code, out, _ = run_cli(capsys, "evaluate", str(run / "last.pt"), "--image-folder", str(tmp_path / "folder"),
+                           "--json", "--plots", str(tmp_path / "plots"))  # fmt: skip
+    result = json.loads(out)
+    assert code == 0 and result["n"] == 30 and sum(map(sum, result["confusion"])) == 30
+    model = load_model(run / "last.pt")
+    x = (torch.from_numpy(images).float() / 255 - model.mean.view(1, 3, 1, 1)) / model.std.view(1, 3, 1, 1)
+    expected = (model(x).argmax(1) == torch.from_numpy(labels).long()).float().mean().item()
+    assert result["accuracy"] == pytest.approx(expected)
+    assert is_png(tmp_path / "plots" / "confusion.png") and is_png(tmp_path / "plots" / "misclassified.png", 100)
+
+
+def test_image_folder_errors_name_the_problem(trained, tmp_path, capsys):
+    _, run = trained
+    (tmp_path / "f" / "airplane").mkdir(parents=True)
+    (tmp_path / "f" / "aeroplane").mkdir()
+    code, _, err = run_cli(capsys, "evaluate", str(run / "last.pt"), "--image-folder", str(tmp_path / "f"))
+    assert code == 1 and "['aeroplane'] are not class names" in err
+    (tmp_path / "f" / "aeroplane").rmdir()
+    code, _, err = run_cli(capsys, "evaluate", str(run / "last.pt"), "--image-folder", str(tmp_path / "f"))
+    assert code == 1 and "holds no images" in err
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "safetensors", "onnx"])
+def test_export_is_checked_against_pytorch(trained, tmp_path, capsys, fmt):
+    data, run = trained
+    out = tmp_path / f"model.{fmt}"
+    code, stdout, _ = run_cli(capsys, "export", str(run / "last.pt"), "--format", fmt, "--out", str(out),
+                              "--data-dir", str(data), "--no-verify-data", "--json")  # fmt: skip
+    result = json.loads(stdout)
+    assert code == 0 and out.is_file() and result["checked_on_images"] == 100
+    assert result["max_abs_logit_diff"] < 1e-3 and result["top1_agreement"] == 1.0
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed into place
+    # The exported model takes [0, 1] images, normalisation inside: check one format by hand too.
+    if fmt == "torchscript":
+        exported = torch.jit.load(str(out))
+        images, _ = synthetic_images(5, seed=3)
+        model = load_model(run / "last.pt")
+        x = torch.from_numpy(images).float() / 255
+        reference = model((x - model.mean.view(1, 3, 1, 1)) / model.std.view(1, 3, 1, 1))
+        assert torch.allclose(exported(x), reference, atol=1e-4)
+
+
+def test_model_api_in_one_line(trained):
+    _, run = trained
+    model = load_model(run / "last.pt")
+    assert isinstance(model, MiniResNet) and model.classes == CLASSES and not model.training
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_is_png_rejects_a_truncated_file(tmp_path):
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(tmp_path / "a.png")
+    raw = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "b.png").write_bytes(raw[: len(raw) // 2] + zlib.compress(b"x")[:3])
+    assert is_png(tmp_path / "a.png")
+    with pytest.raises((OSError, SyntaxError)):
+        is_png(tmp_path / "b.png")
