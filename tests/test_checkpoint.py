@@ -30,7 +30,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(MiniResNetError, match="No space left on device; the previous c.pt is unchanged"):
         save_checkpoint(state_of(MiniResNet()), tmp_path / "c.pt")
     assert (tmp_path / "c.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]

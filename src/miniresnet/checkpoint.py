@@ -28,6 +28,11 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a lost mount, no permission
+        Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+        raise MiniResNetError(f"could not save the checkpoint {path}: {e.strerror or e}; {kept}. "
+                              "Free some space (or choose another --out) and resume") from None  # fmt: skip
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -104,6 +104,8 @@ def open_run_dir(cfg: TrainConfig, resume: bool) -> dict | None:
     if resume:
         if not (out / "last.pt").is_file():
             raise MiniResNetError(f"there is no run to resume in {out}: {out / 'last.pt'} does not exist")
+        for leftover in out.glob(".*.tmp"):  # from a save cut off by a kill: never a valid file
+            leftover.unlink()
         state = load_checkpoint(out / "last.pt")
         if state.get("epoch") == cfg.epochs:
             raise MiniResNetError(f"the run in {out} has already finished all {cfg.epochs} epochs (see summary.json)")
