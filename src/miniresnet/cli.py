@@ -72,10 +72,13 @@ def load_run_config(run_dir: str) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from .train import train
 
     summary = train(config_from_args(args), resume=args.resume is not None)
-    print(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line, from process 0
+        print(json.dumps(summary))
     return 0
 
 

@@ -50,6 +50,11 @@ class TrainConfig:
     # Machinery: where and how it runs; none of this changes what the recipe computes.
     device: str = _opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     precision: str = _opt("fp32", "fp32, bf16 (autocast) or fp16 (CUDA only)", choices=("fp32", "bf16", "fp16"))
+    sync_bn: bool = _opt(
+        False,
+        "with torchrun: BatchNorm statistics over the global batch, summed across "
+        "processes (as one process computes them); off: each process normalises its own share",
+    )
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
     threads: int = _opt(0, "CPU threads for PyTorch (0 = the cores this process may use)")
     eval_batch_size: int = _opt(100, "images per batch when evaluating (small batches stay in cache: faster on CPU)")

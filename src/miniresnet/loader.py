@@ -11,7 +11,8 @@ from .augment import crop_flip, normalize, pad, random_crops
 
 
 class BatchLoader:
-    """Yields (images, labels) batches: float32 normalised images, int64 labels.
+    """Yields (images, labels) batches: float32 normalised images, int64 labels. With
+    world_size N > 1 it yields this process's share of each global batch (see distributed.py).
 
     Randomness comes from a generator seeded by (seed, epoch), drawn for the whole epoch up front,
     so an epoch's order and augmentation are the same whenever it is replayed, and `batches(start)`
@@ -32,6 +33,8 @@ class BatchLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -42,6 +45,7 @@ class BatchLoader:
         self.mean, self.std = mean, std
         self.shuffle, self.crop_padding, self.flip = shuffle, crop_padding, flip
         self.seed = seed
+        self.rank, self.world_size = rank, world_size  # this process takes positions rank, rank + N, ...
         self.epoch = 0
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -63,7 +67,7 @@ class BatchLoader:
         if augment:
             dy, dx, mirrored = random_crops(n, 2 * self.crop_padding, self.flip, generator)
         for first in range(start * self.batch_size, n, self.batch_size):
-            picked = slice(first, first + self.batch_size)
+            picked = torch.arange(first + self.rank, min(first + self.batch_size, n), self.world_size)
             index = order[picked].to(self.labels.device)
             images = self.images[index]
             if augment:

@@ -25,19 +25,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .augment import channel_stats
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import CLASSES, download_cifar10, find_batches_dir, load_cifar10
+from .distributed import Distributed, init_distributed, shutdown_distributed, sync_batchnorm
 from .ema import EMA
 from .errors import MiniResNetError
 from .evaluate import metrics, predict_logits
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs, count_parameters
 from .plots import NO_MATPLOTLIB, have_matplotlib, plot_confusion, plot_curves, plot_misclassified
-from .runtime import autocast, autocast_dtype, resolve_device, set_threads
+from .runtime import autocast, autocast_dtype, available_cores, resolve_device, set_threads
 
 
 class TrainingInterrupted(MiniResNetError):
@@ -97,15 +99,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.Adam(groups, lr=cfg.lr)
 
 
-def open_run_dir(cfg: TrainConfig, resume: bool) -> dict | None:
+def open_run_dir(cfg: TrainConfig, resume: bool, is_main: bool = True) -> dict | None:
     """A fresh run refuses a directory holding another run (unless `overwrite`); a resumed one
-    needs its checkpoint, which is returned."""
+    needs its checkpoint, which is returned. Only the main process changes files."""
     out = Path(cfg.out_dir)
     if resume:
         if not (out / "last.pt").is_file():
             raise MiniResNetError(f"there is no run to resume in {out}: {out / 'last.pt'} does not exist")
-        for leftover in out.glob(".*.tmp"):  # from a save cut off by a kill: never a valid file
-            leftover.unlink()
+        for leftover in out.glob(".*.tmp") if is_main else ():  # from a save cut off by a kill
+            leftover.unlink(missing_ok=True)
         state = load_checkpoint(out / "last.pt")
         if state.get("epoch") == cfg.epochs:
             raise MiniResNetError(f"the run in {out} has already finished all {cfg.epochs} epochs (see summary.json)")
@@ -115,6 +117,8 @@ def open_run_dir(cfg: TrainConfig, resume: bool) -> dict | None:
             f"{out} already holds a run; choose another --out, pass --resume {out} to continue it, "
             "or --overwrite to replace it"
         )
+    if not is_main:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "last.pt", "best.pt", "summary.json", "test_eval.json", "report.html",
                   "curves.png", "confusion.png", "misclassified.png"):  # fmt: skip
@@ -154,13 +158,26 @@ class StopSignals:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or, with `resume`, continue) the training `cfg` describes; returns the summary."""
-    started = time.perf_counter()
+    """Run (or, with `resume`, continue) the training `cfg` describes; returns the summary.
+    Under torchrun, every process calls this and they share the work (see distributed.py)."""
     cfg.validate()
-    state = open_run_dir(cfg, resume)
+    ddp, device = init_distributed(resolve_device(cfg.device))
+    try:
+        return _train(cfg, resume, ddp, device)
+    finally:
+        if ddp.enabled:
+            shutdown_distributed()
+
+
+def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.device) -> dict:
+    started = time.perf_counter()
+    say = log if ddp.is_main else lambda _message: None
+    if cfg.batch_size % ddp.world_size:
+        raise MiniResNetError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
+                              f"{ddp.world_size} processes")  # fmt: skip
+    state = open_run_dir(cfg, resume, ddp.is_main)
     out = Path(cfg.out_dir)
-    device = resolve_device(cfg.device)
-    threads = set_threads(cfg.threads)
+    threads = set_threads(cfg.threads or max(1, available_cores() // ddp.local_world_size))
     dtype = autocast_dtype(cfg.precision, device)
     torch.manual_seed(cfg.seed)
 
@@ -172,7 +189,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     train_loader = BatchLoader(
         train_images, train_labels, cfg.batch_size, mean, std, shuffle=True,
         crop_padding=cfg.crop_padding, flip=cfg.flip, seed=cfg.seed, device=device,
-        channels_last=cfg.channels_last,
+        channels_last=cfg.channels_last, rank=ddp.rank, world_size=ddp.world_size,
     )  # fmt: skip
     eval_sets = {"test": (data.test_images, data.test_labels)}
     if cfg.val_split:
@@ -182,6 +199,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     params, macs = count_parameters(model), count_macs(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    if cfg.sync_bn and ddp.enabled:
+        model = sync_batchnorm(model)
+    trainee = model  # what the steps run: the model itself, or its DistributedDataParallel wrapper
+    if ddp.enabled:
+        trainee = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, cfg)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     final_model = ema.model if ema else model  # the one evaluated and saved
@@ -199,31 +221,41 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         history, best_val, earlier_seconds = state["history"], state["best_val"], state["seconds"]
-        tally = EpochTally(**state["tally"])
-        log(f"resuming {out} after epoch {state['epoch']}" + (f", step {tally.step}" if tally.step else ""))
-    else:
+        # The checkpoint's tally sums every process's share; process 0 carries it on.
+        tally = EpochTally(**state["tally"]) if ddp.is_main else EpochTally(step=state["tally"]["step"])
+        say(f"resuming {out} after epoch {state['epoch']}" + (f", step {tally.step}" if tally.step else ""))
+    elif ddp.is_main:
         resolved = {
             **cfg.to_dict(),
             "resolved": {
                 "device": str(device), "threads": threads, "autocast": str(dtype) if dtype else None,
                 "train_images": n_train, "val_images": cfg.val_split, "params": params, "macs": macs,
                 "mean": mean.tolist(), "std": std.tolist(), "torch": torch.__version__,
+                "processes": ddp.world_size,
             },
         }  # fmt: skip
         write_text_atomically(out / "config.json", json.dumps(resolved, indent=2) + "\n")
-    write_text_atomically(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-    log(f"MiniResNet{cfg.widths}: {params:,} parameters, {macs / 1e6:.1f}M MACs/image; "
-        f"{n_train:,} training images on {device} ({threads} threads, {cfg.precision})")  # fmt: skip
+    if ddp.is_main:
+        write_text_atomically(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    processes = f" x {ddp.world_size} processes" if ddp.enabled else ""
+    say(f"MiniResNet{cfg.widths}: {params:,} parameters, {macs / 1e6:.1f}M MACs/image; "
+        f"{n_train:,} training images on {device} ({threads} threads{processes}, {cfg.precision})")  # fmt: skip
 
     def elapsed() -> float:
         return earlier_seconds + time.perf_counter() - started
 
     def save(path: Path, epochs_done: int) -> None:
+        """Every process calls this (the epoch's sums are added up across them); process 0 writes."""
+        loss_sum, correct, seen = ddp.sum([tally.loss_sum.item(), tally.correct, tally.seen])
+        summed = {"step": tally.step, "loss_sum": torch.tensor(loss_sum, dtype=torch.float64),
+                  "correct": int(correct), "seen": int(seen)}  # fmt: skip
+        if not ddp.is_main:
+            return
         save_checkpoint(
             {"arch": model.arch(), "model": final_model.state_dict(), "classes": list(CLASSES),
              "mean": mean.tolist(), "std": std.tolist(), "config": cfg.to_dict(), "epoch": epochs_done,
              "optimizer": optimizer.state_dict(), "trained_model": model.state_dict() if ema else None,
-             "ema": ema.state_dict() if ema else None, "tally": vars(tally).copy(), "history": history,
+             "ema": ema.state_dict() if ema else None, "tally": summed, "history": history,
              "best_val": best_val, "seconds": elapsed(),
              "rng": {"cpu": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}},
@@ -238,7 +270,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         record = {}
         for name, (images, labels) in eval_sets.items():
             for tta in ttas:
-                logits = predict_logits(final_model, images, mean, std, tta=tta, **inference)
+                share = ddp.shard(len(images))  # each process one contiguous shard; gathered in order
+                logits = ddp.gather(predict_logits(final_model, images[share], mean, std, tta=tta, **inference))
                 result = metrics(logits, labels)
                 suffix = "" if tta == "none" else "_tta"
                 record[f"{name}_loss{suffix}"], record[f"{name}_acc{suffix}"] = result["loss"], result["accuracy"]
@@ -247,6 +280,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         return record
 
     def stop_if_asked(epochs_done: int) -> None:
+        stop.received = int(ddp.max(stop.received or 0)) or None  # all processes stop at the same step
         if stop.received is None:
             return
         where = f"epoch {epochs_done}" + (f" and step {tally.step} of epoch {epochs_done + 1}" if tally.step else "")
@@ -259,18 +293,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     def after_step(epoch: int) -> None:
         if cfg.checkpoint_every and tally.step % cfg.checkpoint_every == 0 and tally.step < len(train_loader):
             save(out / "last.pt", epoch)
+        if ddp.enabled:
+            stop.received = int(ddp.max(stop.received or 0)) or None
         if stop.received is not None:
             save(out / "last.pt", epoch)
             stop_if_asked(epoch)
 
-    scalars = tensorboard_writer(out) if cfg.tensorboard else None
+    scalars = tensorboard_writer(out) if cfg.tensorboard and ddp.is_main else None
     with StopSignals() as stop:
         for epoch in range(len(history), cfg.epochs):
             train_loader.set_epoch(epoch)
             epoch_start = time.perf_counter()
             train_loss, train_acc = train_one_epoch(
-                model, optimizer, train_loader, device, dtype, cfg, epoch, ema, tally,
-                after_step=functools.partial(after_step, epoch), checkpoint=out / "last.pt",
+                trainee, optimizer, train_loader, device, dtype, cfg, epoch, ema, tally,
+                after_step=functools.partial(after_step, epoch), checkpoint=out / "last.pt", ddp=ddp,
             )  # fmt: skip
             tally = EpochTally()
             train_seconds = time.perf_counter() - epoch_start
@@ -288,14 +324,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             save(out / "last.pt", epoch + 1)
             if improved:
                 save(out / "best.pt", epoch + 1)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if ddp.is_main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
             if scalars:
                 for key, value in record.items():
                     scalars.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
                 scalars.flush()
             evaluated = "".join(f"  {k} {v:.4f}" for k, v in record.items() if "_acc" in k and k != "train_acc")
-            log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {train_loss:.4f} acc {train_acc:.4f}"
+            say(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {train_loss:.4f} acc {train_acc:.4f}"
                 f"{evaluated}  {record['seconds']:.1f}s  {record['images_per_sec']:.0f} img/s")  # fmt: skip
             if not last:
                 stop_if_asked(epoch + 1)
@@ -320,9 +357,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         "checkpoint": str(out / "last.pt"),
         **({"best_checkpoint": str(out / "best.pt"), "best_val_acc": best_val} if cfg.val_split else {}),
     }
-    write_text_atomically(out / "test_eval.json", json.dumps(final_test["result"]) + "\n")
-    write_plots(out, history, data.test_images, data.test_labels, final_test)
-    write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if ddp.is_main:
+        write_text_atomically(out / "test_eval.json", json.dumps(final_test["result"]) + "\n")
+        write_plots(out, history, data.test_images, data.test_labels, final_test)
+        write_text_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -359,14 +397,16 @@ def train_one_epoch(
     tally: EpochTally | None = None,
     after_step=None,
     checkpoint: Path | None = None,
+    ddp: Distributed = Distributed(),
 ) -> tuple[float, float]:
     """One pass over the shuffled, augmented training set from batch `tally.step` on, setting the
     lr before every step and calling `after_step()` after it; returns mean loss and accuracy.
     A non-finite loss stops the run before the step is taken, so the last checkpoint stays good."""
     tally = tally or EpochTally()
     model.train()
+    quiet = cfg.quiet or not ddp.is_main
     bar = tqdm(loader.batches(tally.step), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", initial=tally.step,
-               total=len(loader), leave=False, disable=cfg.quiet, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+               total=len(loader), leave=False, disable=quiet, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
     start, seen_before = time.perf_counter(), tally.seen
     for x, y in bar:
         lr = learning_rate(cfg, epoch * len(loader) + tally.step, len(loader))
@@ -375,7 +415,7 @@ def train_one_epoch(
         with autocast(device, dtype):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        if not math.isfinite(loss.item()):
+        if ddp.max(0.0 if math.isfinite(loss.item()) else 1.0):  # any process's loss: all stop
             kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
             raise MiniResNetError(
                 f"the training loss became {loss.item()} at step {tally.step + 1} of epoch {epoch + 1} "
@@ -391,13 +431,14 @@ def train_one_epoch(
         tally.loss_sum += loss.detach().double().cpu() * len(y)
         tally.correct += int((logits.argmax(1) == y).sum())
         tally.seen += len(y)
-        if tally.step % 20 == 0 and not cfg.quiet:
+        if tally.step % 20 == 0 and not quiet:
             rate = (tally.seen - seen_before) / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{tally.loss_sum.item() / tally.seen:.3f}",
                             acc=f"{tally.correct / tally.seen:.3f}", img_s=f"{rate:.0f}")  # fmt: skip
         if after_step:
             after_step()
-    return tally.loss_sum.item() / tally.seen, tally.correct / tally.seen
+    loss_sum, correct, seen = ddp.sum([tally.loss_sum.item(), tally.correct, tally.seen])
+    return loss_sum / seen, correct / seen
 
 
 def log(message: str) -> None:
