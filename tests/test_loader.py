@@ -51,3 +51,15 @@ def test_a_replay_can_start_at_any_batch_of_the_epoch():
     assert len(tail) == 4
     for (x1, y1), (x2, y2) in zip(whole[7:], tail, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_progressive_resizing_scales_the_batches_only_while_asked():
+    loader = make_loader(shuffle=True, crop_padding=4, flip=True, channels_last=True)
+    full = next(iter(loader))[0]
+    loader.resize_to = 24
+    small, labels = next(iter(loader))
+    assert small.shape == (10, 3, 24, 24) and small.is_contiguous(memory_format=torch.channels_last)
+    # Each image is uniform (value = its index), so scaling keeps its value: the same images, smaller.
+    assert torch.allclose(small.mean(dim=(2, 3)), full.mean(dim=(2, 3)), atol=0.05)
+    loader.resize_to = None
+    assert next(iter(loader))[0].shape == (10, 3, 32, 32)

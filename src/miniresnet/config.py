@@ -32,6 +32,9 @@ class TrainConfig:
                       "evaluated and saved in their place (0 = off)")  # fmt: skip
     zero_init_residual: bool = _opt(False, "start each block's last BatchNorm scale at 0: every block begins "
                                     "as the identity")  # fmt: skip
+    downscale_epochs: int = _opt(0, "progressive resizing: train the first N epochs on images scaled down to "
+                                 "--downscale-size (cheaper steps; the model is fully convolutional)")
+    downscale_size: int = _opt(24, "the image size of the first --downscale-epochs epochs")
     crop_padding: int = _opt(4, "random-crop augmentation: zero padding on each side (0 = no crop)")
     flip: bool = _opt(True, "random horizontal flip augmentation")
     tta: str = _opt("none", "test-time augmentation of the final evaluation: the mean logits over the image and "
@@ -73,7 +76,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step_epochs", "blocks_per_stage", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("crop_padding", "val_split", "threads", "weight_decay", "eval_every", "checkpoint_every"):
+        for name in ("crop_padding", "val_split", "threads", "weight_decay", "eval_every", "checkpoint_every",
+                     "downscale_epochs"):  # fmt: skip
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -81,6 +85,8 @@ class TrainConfig:
         for name in ("momentum", "warmup", "label_smoothing", "ema"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 8 <= self.downscale_size <= 32:
+            problems.append(f"downscale_size must be between 8 and 32 pixels, got {self.downscale_size}")
         if not self.widths or min(self.widths) < 1:
             problems.append(f"widths must be positive, got {self.widths}")
         if train_size is not None:

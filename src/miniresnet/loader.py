@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .augment import crop_flip, normalize, pad, random_crops
 
@@ -47,6 +48,7 @@ class BatchLoader:
         self.seed = seed
         self.rank, self.world_size = rank, world_size  # this process takes positions rank, rank + N, ...
         self.epoch = 0
+        self.resize_to: int | None = None  # progressive resizing: yield images scaled to this size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,4 +75,6 @@ class BatchLoader:
             if augment:
                 images = crop_flip(images, self.size, dy[picked], dx[picked], mirrored[picked])
             images = normalize(images, self.mean, self.std)
+            if self.resize_to and self.resize_to != self.size:
+                images = F.interpolate(images, size=(self.resize_to,) * 2, mode="bilinear", antialias=True)
             yield images.contiguous(memory_format=self.memory_format), self.labels[index]

@@ -303,6 +303,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
     with StopSignals() as stop:
         for epoch in range(len(history), cfg.epochs):
             train_loader.set_epoch(epoch)
+            train_loader.resize_to = cfg.downscale_size if epoch < cfg.downscale_epochs else None
             epoch_start = time.perf_counter()
             train_loss, train_acc = train_one_epoch(
                 trainee, optimizer, train_loader, device, dtype, cfg, epoch, ema, tally,
