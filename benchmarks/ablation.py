@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="shorten every run to this many epochs")
     parser.add_argument("--val-split", type=int, default=5000, help="validation images held out of training")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", help="results file benchmarks/results/<name>.json (default: ablation-PRESET)")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=OPTIONS",
                         help="a row: its label, '=', then the `miniresnet train` options that make it")  # fmt: skip
     args = parser.parse_args()
@@ -31,13 +32,13 @@ def main() -> None:
     for variant in [f"{args.preset} as is=", *args.variant]:
         label, _, options = variant.partition("=")
         slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
-        run = train_run(args.preset, args.seed, args.data_dir, f"ablation-{args.preset}-{slug}",
+        run = train_run(args.preset, args.seed, args.data_dir, f"{args.name or 'ablation-' + args.preset}-{slug}",
                         common + shlex.split(options))  # fmt: skip
         s = run["summary"]
         rows.append({"label": label, "options": options, "val_acc": s["val_acc"],
                      "val_acc_plain": s["val_acc_plain"], "seconds": s["seconds"], "run": run})  # fmt: skip
         print(f"{label}: val_acc {s['val_acc']:.4f} (plain {s['val_acc_plain']:.4f})  {s['seconds']:.0f} s", flush=True)
-    path = ROOT / "benchmarks" / "results" / f"ablation-{args.preset}.json"
+    path = ROOT / "benchmarks" / "results" / f"{args.name or 'ablation-' + args.preset}.json"
     path.write_text(json.dumps({"preset": args.preset, "common": common, "seed": args.seed, "rows": rows}, indent=1))
     base = rows[0]["val_acc"]
     header = f"variant (seed {args.seed}, {' '.join(common)})"
