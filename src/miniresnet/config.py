@@ -114,14 +114,40 @@ PRESETS: dict[str, TrainConfig] = {
     # Time to accuracy on a 2-core CPU: >= 90% test accuracy in under 10 minutes. Each choice was
     # made on a 5,000-image validation split (benchmarks/ablation.py; the README's ablation table).
     "fast": TrainConfig(
-        epochs=24, batch_size=256, optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=5e-4,
-        decay_norm_and_bias=True, schedule="linear", warmup=0.15, label_smoothing=0.1, zero_init_residual=True,
-        downscale_epochs=12, downscale_size=24, tta="flip-translate", precision="bf16", eval_every=4,
+        epochs=24,
+        batch_size=256,
+        optimizer="sgd",
+        lr=0.4,
+        momentum=0.9,
+        weight_decay=5e-4,
+        decay_norm_and_bias=True,
+        schedule="linear",
+        warmup=0.15,
+        label_smoothing=0.1,
+        zero_init_residual=True,
+        downscale_epochs=12,
+        downscale_size=24,
+        tta="flip-translate",
+        precision="bf16",
+        eval_every=4,
     ),  # fmt: skip
     # The highest accuracy in a bounded budget (<= 90 minutes here): the fast recipe, 5x longer.
     "best": TrainConfig(
-        epochs=120, batch_size=256, optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=5e-4,
-        decay_norm_and_bias=True, schedule="linear", warmup=0.05, label_smoothing=0.1, zero_init_residual=True,
-        downscale_epochs=60, downscale_size=24, tta="flip-translate", precision="bf16", eval_every=10,
+        epochs=120,
+        batch_size=256,
+        optimizer="sgd",
+        lr=0.4,
+        momentum=0.9,
+        weight_decay=5e-4,
+        decay_norm_and_bias=True,
+        schedule="linear",
+        warmup=0.05,
+        label_smoothing=0.1,
+        zero_init_residual=True,
+        downscale_epochs=60,
+        downscale_size=24,
+        tta="flip-translate",
+        precision="bf16",
+        eval_every=10,
     ),  # fmt: skip
 }

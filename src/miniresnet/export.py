@@ -9,6 +9,7 @@ pixels divided by 255), and returns logits (N, 10) in the order of the checkpoin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -48,8 +49,18 @@ def _write_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path):
     _require("onnx")
     _require("onnxscript")
     batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["logits"],
-                      dynamic_shapes=({0: batch},), dynamo=True, verbose=False)  # fmt: skip
+    # The exporter's internal notices (deprecations, "torchvision is not installed") are not the user's to fix.
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["logits"],
+                              dynamic_shapes=({0: batch},), dynamo=True, verbose=False)  # fmt: skip
+    finally:
+        onnx_log.setLevel(level)
 
     def run(x: torch.Tensor) -> torch.Tensor | None:
         try:
