@@ -170,3 +170,38 @@ def test_tensorboard_scalars_match_metrics(tiny_data, tmp_path):
     logged = [(e.step, e.value) for e in events.Scalars("test/acc")]
     assert logged == [(m["epoch"], pytest.approx(m["test_acc"])) for m in metrics]
     assert {"train/loss", "train/acc", "test/loss", "lr"} <= set(events.Tags()["scalars"])
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import miniresnet.train as train_module
+
+    real_cross_entropy, calls = train_module.F.cross_entropy, []
+
+    def loss_that_blows_up(*args, **kwargs):
+        loss = real_cross_entropy(*args, **kwargs)
+        if "label_smoothing" not in kwargs:  # an evaluation, not a training step
+            return loss
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 11 else loss  # step 3 of epoch 2 (8 steps per epoch)
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", loss_that_blows_up)
+    out = tmp_path / "run"
+    with pytest.raises(MiniResNetError, match=r"nan at step 3 of epoch 2 .*last good checkpoint is .*last.pt"):
+        train(tiny_config(tiny_data, out, epochs=3))
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert len(read_metrics(out)) == 1
+
+
+def test_without_matplotlib_runs_and_reports_say_how_to_get_plots(tiny_data, tmp_path, monkeypatch, capsys):
+    import miniresnet.report as report_module
+    import miniresnet.train as train_module
+    from miniresnet.report import write_report
+
+    monkeypatch.setattr(train_module, "have_matplotlib", lambda: False)
+    monkeypatch.setattr(report_module, "have_matplotlib", lambda: False)
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, out, epochs=1))
+    assert "pip install 'miniresnet[plots]'" in capsys.readouterr().err
+    assert not list(out.glob("*.png"))
+    page = write_report(out).read_text()
+    assert "pip install &#x27;miniresnet[plots]&#x27;" in page and "<img" not in page
