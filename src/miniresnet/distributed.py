@@ -52,6 +52,11 @@ class Distributed:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
+    def barrier(self) -> None:
+        """Wait for every process (gloo can abort a process that tears down while another still works)."""
+        if self.enabled:
+            dist.barrier()
+
     def shard(self, n: int) -> slice:
         """This process's contiguous share of n items (the first n % N processes get one more)."""
         base, extra = divmod(n, self.world_size)

@@ -163,7 +163,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     cfg.validate()
     ddp, device = init_distributed(resolve_device(cfg.device))
     try:
-        return _train(cfg, resume, ddp, device)
+        summary = _train(cfg, resume, ddp, device)
+        ddp.barrier()  # process 0 writes the plots and summary last; the others wait, then all leave together
+        return summary
     finally:
         if ddp.enabled:
             shutdown_distributed()
@@ -249,18 +251,18 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
         loss_sum, correct, seen = ddp.sum([tally.loss_sum.item(), tally.correct, tally.seen])
         summed = {"step": tally.step, "loss_sum": torch.tensor(loss_sum, dtype=torch.float64),
                   "correct": int(correct), "seen": int(seen)}  # fmt: skip
-        if not ddp.is_main:
-            return
-        save_checkpoint(
-            {"arch": model.arch(), "model": final_model.state_dict(), "classes": list(CLASSES),
-             "mean": mean.tolist(), "std": std.tolist(), "config": cfg.to_dict(), "epoch": epochs_done,
-             "optimizer": optimizer.state_dict(), "trained_model": model.state_dict() if ema else None,
-             "ema": ema.state_dict() if ema else None, "tally": summed, "history": history,
-             "best_val": best_val, "seconds": elapsed(),
-             "rng": {"cpu": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}},
-            path,
-        )  # fmt: skip
+        if ddp.is_main:
+            save_checkpoint(
+                {"arch": model.arch(), "model": final_model.state_dict(), "classes": list(CLASSES),
+                 "mean": mean.tolist(), "std": std.tolist(), "config": cfg.to_dict(), "epoch": epochs_done,
+                 "optimizer": optimizer.state_dict(), "trained_model": model.state_dict() if ema else None,
+                 "ema": ema.state_dict() if ema else None, "tally": summed, "history": history,
+                 "best_val": best_val, "seconds": elapsed(),
+                 "rng": {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}},
+                path,
+            )  # fmt: skip
+        ddp.barrier()  # nobody moves on (or exits) while process 0 is still writing
 
     inference = dict(batch_size=cfg.eval_batch_size, device=device, dtype=dtype, channels_last=cfg.channels_last)
     final_test: dict = {}  # the last epoch's test logits and metrics, for test_eval.json and the plots
