@@ -112,14 +112,9 @@ def test_full_disk_mid_run_stops_cleanly_and_the_run_resumes(tiny_data, tmp_path
     assert summary["epochs"] == 3 and len(untimed(out)) == 3
 
 
-def valid_binary_batch(tmp_path: Path) -> bytes:
-    write_binary_batch(tmp_path / "b.bin", *synthetic_images(3))
-    return (tmp_path / "b.bin").read_bytes()
-
-
-def valid_python_batch(tmp_path: Path) -> bytes:
-    write_python_batch(tmp_path / "b", *synthetic_images(3))
-    return (tmp_path / "b").read_bytes()
+def valid_file(tmp_path: Path, write) -> bytes:
+    write(tmp_path / "valid", *synthetic_images(3))
+    return (tmp_path / "valid").read_bytes()
 
 
 def mutated(data: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
@@ -130,7 +125,9 @@ def mutated(data: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
 
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-edits = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8)
+READERS = pytest.mark.parametrize(
+    "reader, write", [(read_binary_batch, write_binary_batch), (read_python_batch, write_python_batch)]
+)
 
 
 def check_reader(reader, path: Path, content: bytes) -> None:
@@ -145,25 +142,15 @@ def check_reader(reader, path: Path, content: bytes) -> None:
     assert labels.min() >= 0 and labels.max() <= 9
 
 
+@READERS
 @FUZZ
 @given(content=st.binary(max_size=4000))
-def test_binary_reader_on_random_bytes(tmp_path, content):
-    check_reader(read_binary_batch, tmp_path / "fuzz.bin", content)
+def test_reader_on_random_bytes(tmp_path, reader, write, content):
+    check_reader(reader, tmp_path / "fuzz", content)
 
 
+@READERS
 @FUZZ
-@given(edits=edits, cut=st.integers(0, 3000))
-def test_binary_reader_on_mutated_files(tmp_path, edits, cut):
-    check_reader(read_binary_batch, tmp_path / "fuzz.bin", mutated(valid_binary_batch(tmp_path), edits, cut))
-
-
-@FUZZ
-@given(content=st.binary(max_size=4000))
-def test_python_reader_on_random_bytes(tmp_path, content):
-    check_reader(read_python_batch, tmp_path / "fuzz", content)
-
-
-@FUZZ
-@given(edits=edits, cut=st.integers(0, 3000))
-def test_python_reader_on_mutated_files(tmp_path, edits, cut):
-    check_reader(read_python_batch, tmp_path / "fuzz", mutated(valid_python_batch(tmp_path), edits, cut))
+@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8), cut=st.integers(0, 3000))
+def test_reader_on_mutated_files(tmp_path, reader, write, edits, cut):
+    check_reader(reader, tmp_path / "fuzz", mutated(valid_file(tmp_path, write), edits, cut))

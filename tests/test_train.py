@@ -205,3 +205,10 @@ def test_without_matplotlib_runs_and_reports_say_how_to_get_plots(tiny_data, tmp
     assert not list(out.glob("*.png"))
     page = write_report(out).read_text()
     assert "pip install &#x27;miniresnet[plots]&#x27;" in page and "<img" not in page
+
+
+def test_every_preset_trains_the_unchanged_architecture():
+    for name, cfg in PRESETS.items():
+        assert (cfg.widths, cfg.blocks_per_stage) == ((16, 32, 64), 2), name
+        cfg.validate()
+    assert PRESETS["best"].epochs == 5 * PRESETS["fast"].epochs and PRESETS["best"].lr == PRESETS["fast"].lr
