@@ -40,6 +40,7 @@ def _gradients_worker(rank: int, world: int, init_file: str, out: str) -> None:
     F.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in net.named_parameters()}, out)
+    dist.barrier()  # gloo can abort a process that tears down while its peer is still busy
     dist.destroy_process_group()
 
 
