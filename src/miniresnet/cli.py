@@ -13,7 +13,7 @@ import sys
 import typing
 
 from . import __version__
-from .config import PRESETS, TrainConfig
+from .config import PRESETS, TTA_MODES, TrainConfig
 from .errors import MiniResNetError
 
 FLAG_ALIASES = {"out_dir": ["--out"]}
@@ -115,14 +115,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             dtype=dtype, tta=args.tta)  # fmt: skip
     result = {**metrics(logits, labels, model.classes), "tta": args.tta, "source": source}
     if args.plots:
-        from .plots import plot_confusion, plot_misclassified
+        from .plots import plot_evaluation
 
-        title = f"{source}: accuracy {result['accuracy']:.2%}"
-        for path in (
-            plot_confusion(result["confusion"], model.classes, Path(args.plots) / "confusion.png", title),
-            plot_misclassified(images, labels, logits, model.classes, Path(args.plots) / "misclassified.png"),
-        ):
-            print(f"wrote {path}", file=sys.stderr)  # fmt: skip
+        for path in plot_evaluation(images, labels, logits, result, model.classes, Path(args.plots), source):
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -255,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def inference_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("checkpoint", help="a .pt file written by `miniresnet train`")
-        sub.add_argument("--tta", choices=("none", "flip", "flip-translate"), default="none",
+        sub.add_argument("--tta", choices=TTA_MODES, default="none",
                          help="test-time augmentation: mean logits over the image and its mirror (flip), "
                               "and their 2-pixel shifts (flip-translate)")  # fmt: skip
         sub.add_argument("--batch-size", type=positive_int, default=100)

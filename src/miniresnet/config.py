@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# Test-time augmentation: the views whose logits are averaged (see evaluate.views).
+TTA_MODES = ("none", "flip", "flip-translate")
+
 
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -42,7 +45,7 @@ class TrainConfig:
     flip: bool = _opt(True, "random horizontal flip augmentation")
     tta: str = _opt("none", "test-time augmentation of the final evaluation: the mean logits over the image and "
                     "its mirror (flip), and also both shifted 2 pixels up-left and down-right (flip-translate)",
-                    choices=("none", "flip", "flip-translate"))  # fmt: skip
+                    choices=TTA_MODES)  # fmt: skip
     eval_every: int = _opt(1, "evaluate every N epochs (0 = after the last only; the last is always evaluated)")
     # The model: the seed spec's widths and depth.
     widths: tuple[int, ...] = _opt((16, 32, 64), "channels of each stage", nargs="+")

@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import TTA_MODES
 from .data import CLASSES
 from .loader import BatchLoader
 from .runtime import autocast
-
-TTA_MODES = ("none", "flip", "flip-translate")
 
 
 @torch.no_grad()

@@ -99,6 +99,23 @@ def plot_misclassified(
     return _save(fig, path)
 
 
+def plot_evaluation(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    result: dict,
+    classes: tuple[str, ...],
+    out_dir: Path,
+    source: str,
+) -> list[Path]:
+    """An evaluation's two pictures: out_dir/confusion.png and out_dir/misclassified.png."""
+    title = f"{source}: accuracy {result['accuracy']:.2%}"
+    return [
+        plot_confusion(result["confusion"], classes, out_dir / "confusion.png", title),
+        plot_misclassified(images, labels, logits, classes, out_dir / "misclassified.png"),
+    ]
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,9 +56,8 @@ def write_report(run_dir: str | Path) -> Path:
         rows = [[c, f"{100 * a:.2f}%"] for c, a in test_eval["per_class"].items()]
         parts += [f"<h2>Per-class test accuracy ({_e(test_eval['tta'])} TTA)</h2>", _table(["class", "accuracy"], rows)]
     if history:
-        keys = [k for k in history[-1] if k != "epoch"]
-        keys += [k for m in history for k in m if k not in keys and k != "epoch"]
-        keys = list(dict.fromkeys(keys))
+        # the last epoch's columns first (it has every evaluation), then any only earlier epochs had
+        keys = list(dict.fromkeys(k for m in (history[-1], *history) for k in m if k != "epoch"))
         rows = [[m["epoch"], *(_fmt(m[k]) if k in m else "" for k in keys)] for m in history]
         parts += ["<h2>Every epoch (metrics.jsonl)</h2>", _table(["epoch", *keys], rows)]
     resolved = config.pop("resolved", {})

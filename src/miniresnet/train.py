@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from .errors import MiniResNetError
 from .evaluate import metrics, predict_logits
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs, count_parameters
-from .plots import NO_MATPLOTLIB, have_matplotlib, plot_confusion, plot_curves, plot_misclassified
+from .plots import NO_MATPLOTLIB, have_matplotlib, plot_curves, plot_evaluation
 from .runtime import autocast, autocast_dtype, available_cores, resolve_device, set_threads
 
 
@@ -56,7 +56,7 @@ class EpochTally:
     epoch starts at the right batch and reports the same loss and accuracy as an unbroken one."""
 
     step: int = 0
-    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    loss_sum: float = 0.0
     correct: int = 0
     seen: int = 0
 
@@ -248,9 +248,8 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
 
     def save(path: Path, epochs_done: int) -> None:
         """Every process calls this (the epoch's sums are added up across them); process 0 writes."""
-        loss_sum, correct, seen = ddp.sum([tally.loss_sum.item(), tally.correct, tally.seen])
-        summed = {"step": tally.step, "loss_sum": torch.tensor(loss_sum, dtype=torch.float64),
-                  "correct": int(correct), "seen": int(seen)}  # fmt: skip
+        loss_sum, correct, seen = ddp.sum([tally.loss_sum, tally.correct, tally.seen])
+        summed = {"step": tally.step, "loss_sum": loss_sum, "correct": int(correct), "seen": int(seen)}
         if ddp.is_main:
             save_checkpoint(
                 {"arch": model.arch(), "model": final_model.state_dict(), "classes": list(CLASSES),
@@ -281,10 +280,13 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
                     final_test.update(logits=logits, result={**result, "tta": tta})
         return record
 
-    def stop_if_asked(epochs_done: int) -> None:
-        stop.received = int(ddp.max(stop.received or 0)) or None  # all processes stop at the same step
+    def stop_if_asked(epochs_done: int, save_first: bool) -> None:
+        """If any process got SIGINT/SIGTERM (all agree, so all stop at the same step): save, then stop."""
+        stop.received = int(ddp.max(stop.received or 0)) or None
         if stop.received is None:
             return
+        if save_first:
+            save(out / "last.pt", epochs_done)
         where = f"epoch {epochs_done}" + (f" and step {tally.step} of epoch {epochs_done + 1}" if tally.step else "")
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(stop.received).name} after {where}; checkpoint {out / 'last.pt'}. "
@@ -295,11 +297,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
     def after_step(epoch: int) -> None:
         if cfg.checkpoint_every and tally.step % cfg.checkpoint_every == 0 and tally.step < len(train_loader):
             save(out / "last.pt", epoch)
-        if ddp.enabled:
-            stop.received = int(ddp.max(stop.received or 0)) or None
-        if stop.received is not None:
-            save(out / "last.pt", epoch)
-            stop_if_asked(epoch)
+        stop_if_asked(epoch, save_first=True)
 
     scalars = tensorboard_writer(out) if cfg.tensorboard and ddp.is_main else None
     with StopSignals() as stop:
@@ -338,7 +336,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
             say(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.2e}  train loss {train_loss:.4f} acc {train_acc:.4f}"
                 f"{evaluated}  {record['seconds']:.1f}s  {record['images_per_sec']:.0f} img/s")  # fmt: skip
             if not last:
-                stop_if_asked(epoch + 1)
+                stop_if_asked(epoch + 1, save_first=False)  # this epoch's checkpoint is saved already
 
     if scalars:
         scalars.close()
@@ -383,9 +381,7 @@ def write_plots(out: Path, history: list[dict], images: torch.Tensor, labels: to
         log(f"no plots written: {NO_MATPLOTLIB}")
         return
     plot_curves(history, out / "curves.png")
-    result = final_test["result"]
-    plot_confusion(result["confusion"], CLASSES, out / "confusion.png", f"test set: accuracy {result['accuracy']:.2%}")
-    plot_misclassified(images, labels, final_test["logits"], CLASSES, out / "misclassified.png")
+    plot_evaluation(images, labels, final_test["logits"], final_test["result"], CLASSES, out, "test set")
 
 
 def train_one_epoch(
@@ -418,10 +414,11 @@ def train_one_epoch(
         with autocast(device, dtype):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        if ddp.max(0.0 if math.isfinite(loss.item()) else 1.0):  # any process's loss: all stop
+        value = loss.item()
+        if ddp.max(0.0 if math.isfinite(value) else 1.0):  # any process's loss: all stop
             kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
             raise MiniResNetError(
-                f"the training loss became {loss.item()} at step {tally.step + 1} of epoch {epoch + 1} "
+                f"the training loss became {value} at step {tally.step + 1} of epoch {epoch + 1} "
                 f"(lr {lr:.3g}, {cfg.precision}){kept}. Lower --lr or add --warmup"
                 + (", or use --precision fp32" if cfg.precision != "fp32" else "")
             )
@@ -431,16 +428,16 @@ def train_one_epoch(
         if ema:
             ema.update()
         tally.step += 1
-        tally.loss_sum += loss.detach().double().cpu() * len(y)
+        tally.loss_sum += value * len(y)
         tally.correct += int((logits.argmax(1) == y).sum())
         tally.seen += len(y)
         if tally.step % 20 == 0 and not quiet:
             rate = (tally.seen - seen_before) / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{tally.loss_sum.item() / tally.seen:.3f}",
+            bar.set_postfix(loss=f"{tally.loss_sum / tally.seen:.3f}",
                             acc=f"{tally.correct / tally.seen:.3f}", img_s=f"{rate:.0f}")  # fmt: skip
         if after_step:
             after_step()
-    loss_sum, correct, seen = ddp.sum([tally.loss_sum.item(), tally.correct, tally.seen])
+    loss_sum, correct, seen = ddp.sum([tally.loss_sum, tally.correct, tally.seen])
     return loss_sum / seen, correct / seen
 
 
