@@ -1,6 +1,6 @@
 import torch
 
-from miniresnet.augment import channel_stats, crop_flip, normalize, pad, random_crops
+from miniresnet.augment import channel_stats, crop_flip, cut_out, normalize, pad, random_crops, random_squares
 
 
 def numbered_images(n: int) -> torch.Tensor:
@@ -78,3 +78,20 @@ def test_normalize():
     expected = (images.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     assert out.dtype == torch.float32
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_cut_out_blanks_exactly_its_square_clipped_at_the_edges():
+    images = torch.ones(3, 3, 32, 32)
+    cy, cx = torch.tensor([10, 0, 31]), torch.tensor([20, 0, 5])
+    cut_out(images, 8, cy, cx)
+    assert torch.all(images[0, :, 6:14, 16:24] == 0)
+    assert (images[0] == 0).sum() == 3 * 8 * 8  # only the square, in every channel
+    assert torch.all(images[1, :, :4, :4] == 0) and (images[1] == 0).sum() == 3 * 4 * 4  # centre in a corner
+    assert torch.all(images[2, :, 27:, 1:9] == 0) and (images[2] == 0).sum() == 3 * 5 * 8  # off the bottom
+
+
+def test_random_squares_cover_the_whole_image_and_follow_the_seed():
+    cy, cx = random_squares(10_000, 32, torch.Generator().manual_seed(0))
+    assert cy.min() == cx.min() == 0 and cy.max() == cx.max() == 31
+    again = random_squares(10_000, 32, torch.Generator().manual_seed(0))
+    assert torch.equal(cy, again[0]) and torch.equal(cx, again[1])

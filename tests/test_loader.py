@@ -63,3 +63,14 @@ def test_progressive_resizing_scales_the_batches_only_while_asked():
     assert torch.allclose(small.mean(dim=(2, 3)), full.mean(dim=(2, 3)), atol=0.05)
     loader.resize_to = None
     assert next(iter(loader))[0].shape == (10, 3, 32, 32)
+
+
+def test_cutout_blanks_one_square_per_image_and_leaves_the_crops_as_they_were():
+    plain = make_loader(shuffle=True, crop_padding=4, flip=True, seed=1)
+    cut = make_loader(shuffle=True, crop_padding=4, flip=True, seed=1, cutout=8)
+    for (x, y), (xc, yc) in zip(plain, cut, strict=True):
+        assert torch.equal(y, yc)
+        changed = (x != xc).any(dim=1)  # pixels the square covers (all channels)
+        assert torch.all(xc.permute(0, 2, 3, 1)[changed] == 0)  # blanked to the mean
+        per_image = changed.flatten(1).sum(1)
+        assert per_image.max() <= 8 * 8 and per_image.sum() > 0

@@ -55,6 +55,28 @@ def crop_flip(
     return padded[index_n, index_c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def random_squares(n: int, image_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image centres (cy, cx) of cutout squares, anywhere in the image, so a square near an
+    edge is partly outside it (as in DeVries & Taylor's Cutout): the model sees every amount of
+    occlusion from none to a full square."""
+    cy = torch.randint(0, image_size, (n,), generator=generator)
+    cx = torch.randint(0, image_size, (n,), generator=generator)
+    return cy, cx
+
+
+def cut_out(images: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Tensor) -> torch.Tensor:
+    """Zero a size x size square centred at (cy[i], cx[i]) of each normalised image, in place:
+    zero is the data set's mean, so the square carries no information. One mask for the batch."""
+    h, w = images.shape[-2:]
+    low_y, low_x = (cy - size // 2).to(images.device), (cx - size // 2).to(images.device)
+    ys = torch.arange(h, device=images.device)
+    xs = torch.arange(w, device=images.device)
+    in_rows = (ys >= low_y[:, None]) & (ys < low_y[:, None] + size)
+    in_cols = (xs >= low_x[:, None]) & (xs < low_x[:, None] + size)
+    mask = in_rows[:, None, :, None] & in_cols[:, None, None, :]
+    return images.masked_fill_(mask, 0)
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 (x/255 - mean) / std, per channel, as one multiply-add."""
     scale = (1 / (255 * std)).to(images.device).view(1, -1, 1, 1)

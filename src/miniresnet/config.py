@@ -43,6 +43,8 @@ class TrainConfig:
     downscale_size: int = _opt(24, "the image size of the first --downscale-epochs epochs")
     crop_padding: int = _opt(4, "random-crop augmentation: zero padding on each side (0 = no crop)")
     flip: bool = _opt(True, "random horizontal flip augmentation")
+    cutout: int = _opt(0, "cutout augmentation: blank a square this many pixels wide at a random place in each "
+                       "training image, set before any downscaling (0 = off)")  # fmt: skip
     tta: str = _opt("none", "test-time augmentation of the final evaluation: the mean logits over the image and "
                     "its mirror (flip), and also both shifted 2 pixels up-left and down-right (flip-translate)",
                     choices=TTA_MODES)  # fmt: skip
@@ -82,7 +84,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step_epochs", "blocks_per_stage", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("crop_padding", "val_split", "threads", "weight_decay", "eval_every", "checkpoint_every",
+        for name in ("crop_padding", "cutout", "val_split", "threads", "weight_decay", "eval_every", "checkpoint_every",
                      "downscale_epochs"):  # fmt: skip
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .augment import crop_flip, normalize, pad, random_crops
+from .augment import crop_flip, cut_out, normalize, pad, random_crops, random_squares
 
 
 class BatchLoader:
@@ -31,6 +31,7 @@ class BatchLoader:
         shuffle: bool = False,
         crop_padding: int = 0,
         flip: bool = False,
+        cutout: int = 0,
         seed: int = 0,
         device: torch.device | str = "cpu",
         channels_last: bool = False,
@@ -44,7 +45,7 @@ class BatchLoader:
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.mean, self.std = mean, std
-        self.shuffle, self.crop_padding, self.flip = shuffle, crop_padding, flip
+        self.shuffle, self.crop_padding, self.flip, self.cutout = shuffle, crop_padding, flip, cutout
         self.seed = seed
         self.rank, self.world_size = rank, world_size  # this process takes positions rank, rank + N, ...
         self.epoch = 0
@@ -68,6 +69,8 @@ class BatchLoader:
         augment = self.crop_padding > 0 or self.flip
         if augment:
             dy, dx, mirrored = random_crops(n, 2 * self.crop_padding, self.flip, generator)
+        if self.cutout:  # drawn after the crops, so turning it on leaves their stream as it was
+            cy, cx = random_squares(n, self.size, generator)
         for first in range(start * self.batch_size, n, self.batch_size):
             picked = torch.arange(first + self.rank, min(first + self.batch_size, n), self.world_size)
             index = order[picked].to(self.labels.device)
@@ -75,6 +78,8 @@ class BatchLoader:
             if augment:
                 images = crop_flip(images, self.size, dy[picked], dx[picked], mirrored[picked])
             images = normalize(images, self.mean, self.std)
+            if self.cutout:
+                images = cut_out(images, self.cutout, cy[picked], cx[picked])
             if self.resize_to and self.resize_to != self.size:
                 images = F.interpolate(images, size=(self.resize_to,) * 2, mode="bilinear", antialias=True)
             yield images.contiguous(memory_format=self.memory_format), self.labels[index]

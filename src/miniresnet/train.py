@@ -190,7 +190,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
     mean, std = channel_stats(train_images)
     train_loader = BatchLoader(
         train_images, train_labels, cfg.batch_size, mean, std, shuffle=True,
-        crop_padding=cfg.crop_padding, flip=cfg.flip, seed=cfg.seed, device=device,
+        crop_padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout, seed=cfg.seed, device=device,
         channels_last=cfg.channels_last, rank=ddp.rank, world_size=ddp.world_size,
     )  # fmt: skip
     eval_sets = {"test": (data.test_images, data.test_labels)}
