@@ -44,7 +44,8 @@ def main() -> None:
         for i, run in enumerate(report["runs"]):
             seconds, accuracy = curve(run)
             mean = 100 * report["test_acc_mean"]
-            label = f"{name} (mean {mean:.2f}%, {len(report['runs'])} seeds)" if i == 0 else None
+            n = len(report["runs"])
+            label = f"{name} (mean {mean:.2f}%, {n} seed{'s' * (n > 1)})" if i == 0 else None
             ax.plot(seconds, accuracy, "-o", color=colour, markersize=3, alpha=0.8, label=label)
     ax.axhline(90, color="gray", lw=0.8, ls="--")
     ax.axvline(600, color="gray", lw=0.8, ls=":")
