@@ -158,6 +158,22 @@ def test_resume_needs_a_run_and_a_fresh_run_refuses_an_old_one(tiny_data, tmp_pa
         train(tiny_config(tiny_data, tmp_path / "run", epochs=1))
 
 
+def test_run_killed_after_its_last_checkpoint_resumes_to_write_its_results(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_data, out, epochs=2, tta="flip")
+    summary = train(cfg)
+    test_eval = json.loads((out / "test_eval.json").read_text())
+    for written_after_the_checkpoint in ("summary.json", "test_eval.json", "curves.png"):
+        (out / written_after_the_checkpoint).unlink(missing_ok=True)
+    resumed = train(cfg, resume=True)
+    assert (resumed["test_acc"], resumed["test_acc_plain"]) == (summary["test_acc"], summary["test_acc_plain"])
+    assert json.loads((out / "summary.json").read_text())["test_acc"] == summary["test_acc"]
+    assert json.loads((out / "test_eval.json").read_text()) == test_eval
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(MiniResNetError, match="already finished"):  # once its summary is there, it is done
+        train(cfg, resume=True)
+
+
 def test_tensorboard_scalars_match_metrics(tiny_data, tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is an optional extra: pip install 'miniresnet[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -109,7 +109,7 @@ def open_run_dir(cfg: TrainConfig, resume: bool, is_main: bool = True) -> dict |
         for leftover in out.glob(".*.tmp") if is_main else ():  # from a save cut off by a kill
             leftover.unlink(missing_ok=True)
         state = load_checkpoint(out / "last.pt")
-        if state.get("epoch") == cfg.epochs:
+        if state.get("epoch") == cfg.epochs and (out / "summary.json").exists():  # written last of all
             raise MiniResNetError(f"the run in {out} has already finished all {cfg.epochs} epochs (see summary.json)")
         return state
     if (out / "config.json").exists() and not cfg.overwrite:
@@ -265,6 +265,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
 
     inference = dict(batch_size=cfg.eval_batch_size, device=device, dtype=dtype, channels_last=cfg.channels_last)
     final_test: dict = {}  # the last epoch's test logits and metrics, for test_eval.json and the plots
+    final_ttas = ("none", cfg.tta) if cfg.tta != "none" else ("none",)  # evaluated after the last epoch
 
     def evaluate_all(ttas: tuple[str, ...]) -> dict:
         """{test,val}_{acc,loss}, with a _tta suffix for the augmented evaluation."""
@@ -315,7 +316,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
             record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
             last = epoch + 1 == cfg.epochs
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                record |= evaluate_all(("none", cfg.tta) if last and cfg.tta != "none" else ("none",))
+                record |= evaluate_all(final_ttas if last else ("none",))
             record["seconds"] = time.perf_counter() - epoch_start
             record["elapsed"] = elapsed()
             record["images_per_sec"] = n_train / train_seconds
@@ -340,6 +341,8 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
 
     if scalars:
         scalars.close()
+    if not final_test:  # resumed after the last epoch's checkpoint but before its results were written
+        evaluate_all(final_ttas)  # the same weights give the same figures, already in `history`
     record = history[-1]
     headline = "_tta" if cfg.tta != "none" else ""
     summary = {
