@@ -138,7 +138,7 @@ PRESETS: dict[str, TrainConfig] = {
     ),
 }
 # The highest accuracy in a bounded budget (<= 90 minutes here): the fast recipe, ~8x longer.
-# 200 epochs (half at 24x24, as in fast) take ~65 minutes here: the length that fills the budget
+# 200 epochs (half at 24x24, as in fast) take 65-70 minutes here: the length that fills the budget
 # with margin for this machine's timing noise (the README has what 120 and 200 epochs measured).
 # A long run overfits the training set, so it adds cutout, chosen on the validation split (the
 # README's round-3 ablation has the figures).
