@@ -6,7 +6,8 @@ at a time, a DataLoader with one worker process, an fp32 NCHW model. Two flavour
 transforms are timed: `reference-pil`, the torchvision way (each image a PIL image: pad, crop,
 mirror, then to a tensor and normalise), and `reference-tensor`, the same steps as small tensor
 operations, a faster baseline. It lives here, not in the package, on purpose: it is the
-baseline, not a feature.
+baseline, not a feature. Both run under the same process-wide settings (`set_threads`: threads,
+and glibc's malloc keeping freed memory), so the reference gets whatever those are worth too.
 
     python benchmarks/vs_reference.py [--steps 50] [--repeats 5] [--json]
 """
