@@ -54,13 +54,13 @@ def _model(cfg: TrainConfig, device: torch.device) -> MiniResNet:
 def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.device) -> list[float]:
     """Images/s of `train_one_epoch` (the loop `miniresnet train` runs: batched crop/flip,
     normalisation, forward, backward, Adam) over `steps` batches, once per repeat after a warm-up."""
-    from .train import train_one_epoch
+    from .train import build_optimizer, train_one_epoch
 
     images, labels = synthetic_data(cfg.batch_size * steps)
     loader = BatchLoader(images, labels, cfg.batch_size, MEAN, STD, shuffle=True, crop_padding=cfg.crop_padding,
                          flip=cfg.flip, device=device, channels_last=cfg.channels_last)  # fmt: skip
     model = _model(cfg, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = build_optimizer(model, cfg)
     dtype = autocast_dtype(cfg.precision, device)
     rates = []
     for repeat in range(repeats + 1):  # the first pass is warm-up

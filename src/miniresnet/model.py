@@ -27,9 +27,11 @@ class ResidualBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
+        # In place where autograd allows it (BatchNorm's backward does not need its output), so
+        # the step writes two fewer activation-sized tensors per block: a few % of a CPU step.
+        out = torch.relu_(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return torch.relu(out + x)
+        return torch.relu_(out.add_(x))
 
 
 class MiniResNet(nn.Module):
