@@ -62,12 +62,13 @@ def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.devi
     model = _model(cfg, device)
     optimizer = build_optimizer(model, cfg)
     dtype = autocast_dtype(cfg.precision, device)
+    trainee = torch.compile(model) if cfg.compile else model  # compiled during the warm-up pass
     rates = []
     for repeat in range(repeats + 1):  # the first pass is warm-up
         loader.set_epoch(repeat)
         synchronize(device)
         start = time.perf_counter()
-        train_one_epoch(model, optimizer, loader, device, dtype, cfg, repeat)
+        train_one_epoch(trainee, optimizer, loader, device, dtype, cfg, repeat)
         synchronize(device)
         if repeat:
             rates.append(len(labels) / (time.perf_counter() - start))
@@ -93,11 +94,12 @@ def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> lis
 
 def run_bench(
     precision: str = "fp32", batch_size: int = 100, steps: int = 30, repeats: int = 5, device: str = "auto",
-    preset: str = "seed",
+    preset: str = "seed", compile: bool = False,
 ) -> dict:  # fmt: skip
     """One precision's figures; the train FLOPs per image count the backward pass as twice the forward."""
     dev = resolve_device(device)
-    cfg = dataclasses.replace(PRESETS[preset], precision=precision, batch_size=batch_size, quiet=True)
+    cfg = dataclasses.replace(PRESETS[preset], precision=precision, batch_size=batch_size, quiet=True,
+                              compile=compile)  # fmt: skip
     dtype = autocast_dtype(precision, dev) or torch.float32
     macs = count_macs(MiniResNet(cfg.widths, cfg.blocks_per_stage))
     roofline = matmul_gflops(dev, dtype)
@@ -110,6 +112,7 @@ def run_bench(
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "batch_size": batch_size,
+        "compile": compile,
         "train_images_per_sec": round(train_rate, 1),
         "eval_images_per_sec": round(eval_rate, 1),
         "matmul_gflops": round(roofline, 1),

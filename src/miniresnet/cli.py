@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     precisions = ["fp32", "bf16"] if args.precision == "all" else [args.precision]
     for precision in precisions:
-        result = run_bench(precision, args.batch_size, args.steps, args.repeats, args.device)
+        result = run_bench(precision, args.batch_size, args.steps, args.repeats, args.device, compile=args.compile)
         if args.json:
             print(json.dumps(result), flush=True)
             continue
@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats after one warm-up; medians")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the model (compiled in the warm-up)")
     bench.add_argument("--json", action="store_true", help="one JSON object per precision")
     bench.set_defaults(run=cmd_bench)
     return parser

@@ -67,6 +67,8 @@ class TrainConfig:
         "processes (as one process computes them); off: each process normalises its own share",
     )
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
+    compile: bool = _opt(False, "torch.compile the training step's model (meant for GPUs: on the 2-core CPU "
+                         "measured here it is slower than eager; see the README's speed section)")  # fmt: skip
     threads: int = _opt(0, "CPU threads for PyTorch (0 = the cores this process may use)")
     eval_batch_size: int = _opt(100, "images per batch when evaluating (small batches stay in cache: faster on CPU)")
     tensorboard: bool = _opt(False, "also log every epoch's metrics as TensorBoard scalars in --out/tensorboard")

@@ -207,6 +207,8 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
     trainee = model  # what the steps run: the model itself, or its DistributedDataParallel wrapper
     if ddp.enabled:
         trainee = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # the weights stay the model's own: checkpoints and evaluation use the plain module
+        trainee = torch.compile(trainee)
     optimizer = build_optimizer(model, cfg)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     final_model = ema.model if ema else model  # the one evaluated and saved
