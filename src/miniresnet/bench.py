@@ -53,7 +53,7 @@ def _model(cfg: TrainConfig, device: torch.device) -> MiniResNet:
 
 def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.device) -> list[float]:
     """Images/s of `train_one_epoch` (the loop `miniresnet train` runs: batched crop/flip,
-    normalisation, forward, backward, Adam) over `steps` batches, once per repeat after a warm-up."""
+    normalisation, forward, backward, the preset's optimizer) over `steps` batches, once per repeat after a warm-up."""
     from .train import build_optimizer, train_one_epoch
 
     images, labels = synthetic_data(cfg.batch_size * steps)

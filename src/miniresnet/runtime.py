@@ -50,9 +50,10 @@ def keep_freed_memory() -> bool:
 
     Every step frees and allocates again the same few-MB activation and gradient buffers. By
     default glibc serves some of them with mmap and trims the heap's top, so the next step touches
-    fresh pages: ~3,700 page faults (each a kernel zeroing a page) per fp32 step of batch 100 here.
-    Heap allocations up to 32 MiB and no trimming bring that to ~3, for ~5% more images/s
-    (see the README's speed section). The cost: the process keeps its peak heap until it exits."""
+    fresh pages: ~4,000 page faults (each a kernel zeroing a page) per fp32 step of batch 100 here.
+    Heap allocations up to 32 MiB and no trimming bring that under 100 and make fp32 steps ~8%
+    faster (bf16 ones not measurably; the README's speed section has the figures). The cost: the
+    process keeps its peak heap until it exits."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):
