@@ -63,6 +63,14 @@ def test_same_generator_seed_same_batch():
     assert torch.equal(a, b)
 
 
+def test_crop_flip_reads_either_layout_and_returns_channels_last():
+    padded = pad(numbered_images(16), 4)
+    nchw = random_crop_flip(padded, True, 7)
+    nhwc = random_crop_flip(padded.contiguous(memory_format=torch.channels_last), True, 7)
+    assert torch.equal(nchw, nhwc)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_channel_stats_match_direct_computation():
     images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
     mean, std = channel_stats(images)

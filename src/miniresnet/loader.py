@@ -41,7 +41,8 @@ class BatchLoader:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.size = images.shape[-1]
-        self.images = pad(images, crop_padding).to(device)
+        # channels_last: each pixel's C values side by side, what crop_flip gathers and the model reads
+        self.images = pad(images, crop_padding).to(device).contiguous(memory_format=torch.channels_last)
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.mean, self.std = mean, std
