@@ -1,13 +1,18 @@
 """The project's training loop against a plain PyTorch reference loop of the seed recipe, side by
-side in one process, alternating, so that machine noise hits both alike.
+side in one run, alternating segment by segment, so that machine noise hits both alike.
 
 The reference is what a typical script does: a Dataset that crops, flips and normalises one image
 at a time, a DataLoader with one worker process, an fp32 NCHW model. Two flavours of its per-image
 transforms are timed: `reference-pil`, the torchvision way (each image a PIL image: pad, crop,
 mirror, then to a tensor and normalise), and `reference-tensor`, the same steps as small tensor
 operations, a faster baseline. It lives here, not in the package, on purpose: it is the
-baseline, not a feature. Both run under the same process-wide settings (`set_threads`: threads,
-and glibc's malloc keeping freed memory), so the reference gets whatever those are worth too.
+baseline, not a feature.
+
+A plain script runs with PyTorch's and glibc's defaults, so these two run in a process of their
+own that keeps them (driven over a pipe, one segment at a time). `reference-pil-tuned` is the PIL
+loop once more, in this process, under our process-wide settings (`set_threads`: threads, and
+glibc's malloc keeping freed memory): the ratio to it is what the loop itself is worth, without
+what the settings are worth.
 
     python benchmarks/vs_reference.py [--steps 50] [--repeats 5] [--json]
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import random
 import statistics
 import time
@@ -86,6 +92,28 @@ def reference_segments(steps: int, batch_size: int, pil: bool):
         yield steps * batch_size / (time.perf_counter() - start)
 
 
+def in_plain_process(steps: int, batch_size: int, pil: bool):
+    """`reference_segments` run in a fresh process with PyTorch's and glibc's defaults: a generator
+    whose each next() has that process train one segment."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: none of this process's settings
+    ours, theirs = context.Pipe()
+    process = context.Process(target=serve_segments, args=(theirs, steps, batch_size, pil))
+    process.start()
+    try:
+        while True:
+            ours.send(True)
+            yield ours.recv()
+    finally:
+        ours.send(False)
+        process.join()
+
+
+def serve_segments(pipe, steps: int, batch_size: int, pil: bool) -> None:
+    segments = reference_segments(steps, batch_size, pil)
+    while pipe.recv():
+        pipe.send(next(segments))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="batches per timed segment")
@@ -93,22 +121,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    references = {f"reference-{kind}": in_plain_process(args.steps, args.batch_size, kind == "pil")
+                  for kind in ("pil", "tensor")}  # fmt: skip
     threads = set_threads(0)
     device = torch.device("cpu")
-    references = {f"reference-{kind}": reference_segments(args.steps, args.batch_size, kind == "pil")
-                  for kind in ("pil", "tensor")}  # fmt: skip
-    for reference in references.values():
-        next(reference)  # warm-up: starts the worker, touches every code path once
+    references["reference-pil-tuned"] = reference_segments(args.steps, args.batch_size, pil=True)
     configs = {p: dataclasses.replace(PRESETS["seed"], precision=p, batch_size=args.batch_size, quiet=True)
                for p in ("fp32", "bf16")}  # fmt: skip
     rates: dict[str, list[float]] = {name: [] for name in [*references, "fp32", "bf16"]}
-    for repeat in range(args.repeats):
-        for name, reference in references.items():
-            rates[name].append(next(reference))
-        for precision, cfg in configs.items():
-            rates[precision] += time_training(cfg, args.steps, 1, device)
-        print(f"repeat {repeat + 1}/{args.repeats}: " + "  ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()),
-              flush=True)  # fmt: skip
+    try:
+        for reference in references.values():
+            next(reference)  # warm-up: starts the processes, touches every code path once
+        for repeat in range(args.repeats):
+            for name, reference in references.items():
+                rates[name].append(next(reference))
+            for precision, cfg in configs.items():
+                rates[precision] += time_training(cfg, args.steps, 1, device)
+            print(f"repeat {repeat + 1}/{args.repeats}: "
+                  + "  ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()), flush=True)  # fmt: skip
+    finally:
+        for reference in references.values():
+            reference.close()  # stops the reference processes
     medians = {k: statistics.median(v) for k, v in rates.items()}
     result = {
         "threads": threads, "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
