@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU checks of the speed work, as one command for a machine with a CUDA GPU. From the repo root:
+#
+#     bash benchmarks/gpu_check.sh [RESULTS_DIR]     (default benchmarks/results/gpu)
+#
+# It needs a python3 with a CUDA build of PyTorch, tqdm and pytest; the package runs from src/.
+# 1. The test suite: every test that trains with device "auto" (most of tests/test_train.py) trains
+#    on the GPU here, and the CUDA-only test runs. 2. `bench` on the GPU: fp32 and bf16 eager, bf16
+#    compiled, and bf16 at batch 512. Everything it prints is also saved in RESULTS_DIR.
+set -uo pipefail
+results=${1:-benchmarks/results/gpu}
+mkdir -p "$results"
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+python3 -c 'import torch; assert torch.cuda.is_available(), "PyTorch sees no CUDA GPU"
+print("torch", torch.__version__, "on", torch.cuda.get_device_name())' | tee "$results/device.txt" || exit 1
+failed=0
+python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$results/pytest.log" || failed=1
+bench() { python3 -m miniresnet bench --device cuda --json "$@" | tee -a "$results/bench.jsonl" || failed=1; }
+bench --precision all
+bench --precision bf16 --compile
+bench --precision bf16 --batch-size 512
+exit $failed
