@@ -8,7 +8,7 @@ mirror, then to a tensor and normalise), and `reference-tensor`, the same steps 
 operations, a faster baseline. It lives here, not in the package, on purpose: it is the
 baseline, not a feature.
 
-A plain script runs with PyTorch's and glibc's defaults, so these two run in a process of their
+A plain script runs with PyTorch's and glibc's defaults, so these two run each in a process of its
 own that keeps them (driven over a pipe, one segment at a time). `reference-pil-tuned` is the PIL
 loop once more, in this process, under our process-wide settings (`set_threads`: threads, and
 glibc's malloc keeping freed memory): the ratio to it is what the loop itself is worth, without

@@ -46,8 +46,9 @@ def crop_flip(
     mirrored[i]; the result is channels_last.
 
     All of it is one gather of whole pixels (rows of C values): a view, not a copy, when `padded`
-    is channels_last, as the loader keeps it. ~3x faster than gathering single values of an NCHW
-    tensor by four indices, about 1% of a CPU training step."""
+    is channels_last, as the loader keeps it. Against gathering single values of an NCHW tensor
+    by four indices, it halves the loader's time per batch (~1 ms -> ~0.5 ms here, ~1% of a CPU
+    training step)."""
     n, c, height, width = padded.shape
     pixels = padded.permute(0, 2, 3, 1).reshape(-1, c)
     offsets = torch.arange(size)
