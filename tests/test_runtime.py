@@ -25,14 +25,39 @@ def test_set_threads_auto_and_explicit():
 
 def test_precision_resolution_on_cpu(monkeypatch, capsys):
     cpu = torch.device("cpu")
-    assert runtime.autocast_dtype("fp32", cpu) is None
-    assert runtime.autocast_dtype("fp16", cpu) is None
+    assert runtime.resolve_precision("fp32", cpu) == runtime.FP32
+    assert runtime.resolve_precision("fp64", cpu) == runtime.Precision("fp64", None, torch.float64)
+    assert runtime.resolve_precision("fp16", cpu) == runtime.FP32
     assert "fp16 autocast is for CUDA" in capsys.readouterr().err
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert runtime.autocast_dtype("bf16", cpu) is torch.bfloat16
+    bf16 = runtime.Precision("bf16", torch.bfloat16)
+    assert runtime.resolve_precision("bf16", cpu) == bf16 == runtime.resolve_precision("auto", cpu)
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert runtime.autocast_dtype("bf16", cpu) is None
+    assert runtime.resolve_precision("auto", cpu) == runtime.FP32
+    assert capsys.readouterr().err == ""  # auto choosing fp32 is no fallback: nothing to say
+    assert runtime.resolve_precision("bf16", cpu) == runtime.FP32
     assert "lacks native bf16" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="precision must be one of"):
+        runtime.resolve_precision("int8", cpu)
+
+
+NATIVE_BF16 = "from miniresnet.runtime import cpu_has_native_bf16; print(cpu_has_native_bf16())"
+
+
+@pytest.mark.parametrize("cap", ["AVX2", "AVX512_CORE"])
+def test_native_bf16_follows_an_isa_cap(cap):
+    """Capped below AVX-512-BF16, oneDNN emulates bf16 (slower than fp32), so `auto` must not pick
+    it: AVX512_CORE is the case oneDNN's own bf16 check still says yes to."""
+    env = {**runtime.os.environ, "ONEDNN_MAX_CPU_ISA": cap, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", NATIVE_BF16], capture_output=True, text=True, env=env, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_describe_machine_names_the_cpu_and_its_kernels():
+    machine = runtime.describe_machine(torch.device("cpu"))
+    assert machine["cpu"] and machine["arch"] and machine["threads"] == torch.get_num_threads()
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["native_bf16"] == runtime.cpu_has_native_bf16()
 
 
 def test_cuda_requested_without_gpu_is_a_clear_error():
@@ -48,6 +73,7 @@ def test_bench_reports_consistent_figures():
     flop_per_image = 3 * 2 * 31_113_856
     assert result["train_gflops"] == pytest.approx(result["train_images_per_sec"] * flop_per_image / 1e9, rel=0.01)
     assert result["efficiency"] == pytest.approx(result["train_gflops"] / result["matmul_gflops"], abs=0.002)
+    assert result["machine"] == runtime.describe_machine(torch.device("cpu"))
 
 
 def test_matmul_gflops_is_positive():

@@ -142,13 +142,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_data, tmp_path, monke
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # raised inside torch.compile itself
 def test_compiled_training_computes_what_eager_training_does(tiny_data, tmp_path):
-    """--compile changes how the steps run, not what they compute; checkpoints hold the plain model."""
-    # A small lr keeps the two trajectories from drifting apart through rounding differences.
-    train(tiny_config(tiny_data, tmp_path / "eager", epochs=1, lr=1e-4))
-    train(tiny_config(tiny_data, tmp_path / "compiled", epochs=1, lr=1e-4, compile=True))
+    """--compile changes how the steps run, not what they compute; checkpoints hold the plain model.
+    In float64, where the compiled kernels' other order of summation changes nothing measurable
+    (in float32 it changes the last bits on some CPUs, and training amplifies them)."""
+    train(tiny_config(tiny_data, tmp_path / "eager", epochs=1, precision="fp64"))
+    train(tiny_config(tiny_data, tmp_path / "compiled", epochs=1, precision="fp64", compile=True))
     eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
-    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], abs=1e-3)
-    assert compiled[0]["test_loss"] == pytest.approx(eager[0]["test_loss"], abs=1e-3)
+    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-9)
+    assert compiled[0]["test_loss"] == pytest.approx(eager[0]["test_loss"], rel=1e-6)  # from float32 logits
     assert not any("_orig_mod" in key for key in load_checkpoint(tmp_path / "compiled" / "last.pt")["model"])
 
 

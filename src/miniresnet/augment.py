@@ -82,8 +82,12 @@ def cut_out(images: torch.Tensor, size: int, cy: torch.Tensor, cx: torch.Tensor)
     return images.masked_fill_(mask, 0)
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 (x/255 - mean) / std, per channel, as one multiply-add."""
-    scale = (1 / (255 * std)).to(images.device).view(1, -1, 1, 1)
-    shift = (mean / std).to(images.device).view(1, -1, 1, 1)
-    return images.float().mul_(scale).sub_(shift)
+def normalize(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 pixels -> (x/255 - mean) / std, per channel, as one multiply-add, in `dtype`: the one
+    normalisation of the project (training, evaluation, prediction and export all use it)."""
+    mean, std = mean.to(images.device, dtype), std.to(images.device, dtype)
+    scale = (1 / (255 * std)).view(1, -1, 1, 1)
+    shift = (mean / std).view(1, -1, 1, 1)
+    return images.to(dtype).mul_(scale).sub_(shift)

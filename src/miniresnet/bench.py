@@ -14,7 +14,7 @@ from .config import PRESETS, TrainConfig
 from .evaluate import evaluate
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs
-from .runtime import autocast_dtype, resolve_device
+from .runtime import describe_machine, resolve_device, resolve_precision
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 MEAN, STD = torch.full((3,), 0.5), torch.full((3,), 0.25)  # any normalisation costs the same
@@ -61,14 +61,14 @@ def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.devi
                          flip=cfg.flip, device=device, channels_last=cfg.channels_last)  # fmt: skip
     model = _model(cfg, device)
     optimizer = build_optimizer(model, cfg)
-    dtype = autocast_dtype(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device)
     trainee = torch.compile(model) if cfg.compile else model  # compiled during the warm-up pass
     rates = []
     for repeat in range(repeats + 1):  # the first pass is warm-up
         loader.set_epoch(repeat)
         synchronize(device)
         start = time.perf_counter()
-        train_one_epoch(trainee, optimizer, loader, device, dtype, cfg, repeat)
+        train_one_epoch(trainee, optimizer, loader, device, precision, cfg, repeat)
         synchronize(device)
         if repeat:
             rates.append(len(labels) / (time.perf_counter() - start))
@@ -79,12 +79,12 @@ def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> lis
     """Images/s of `evaluate` over 10,000 images, the size of the CIFAR-10 test set."""
     images, labels = synthetic_data(TEST_IMAGES, seed=1)
     model = _model(cfg, device)
-    dtype = autocast_dtype(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device)
     rates = []
     for repeat in range(repeats + 1):
         synchronize(device)
         start = time.perf_counter()
-        evaluate(model, images, labels, MEAN, STD, batch_size=cfg.eval_batch_size, device=device, dtype=dtype,
+        evaluate(model, images, labels, MEAN, STD, batch_size=cfg.eval_batch_size, device=device, precision=precision,
                  channels_last=cfg.channels_last)  # fmt: skip
         synchronize(device)
         if repeat:
@@ -100,17 +100,20 @@ def run_bench(
     dev = resolve_device(device)
     cfg = dataclasses.replace(PRESETS[preset], precision=precision, batch_size=batch_size, quiet=True,
                               compile=compile)  # fmt: skip
-    dtype = autocast_dtype(precision, dev) or torch.float32
+    resolved = resolve_precision(precision, dev)
+    dtype = resolved.autocast or resolved.weights  # the roofline is a matmul in the dtype the convolutions run in
+    cfg = dataclasses.replace(cfg, precision=resolved.name)  # a fallback is said once, here
     macs = count_macs(MiniResNet(cfg.widths, cfg.blocks_per_stage))
     roofline = matmul_gflops(dev, dtype)
     train_rate = statistics.median(time_training(cfg, steps, repeats, dev))
     eval_rate = statistics.median(time_evaluation(cfg, repeats, dev))
     train_flop = 3 * 2 * macs
     return {
-        "precision": precision,
+        "precision": resolved.name,
+        "asked_precision": precision,
         "compute_dtype": str(dtype).removeprefix("torch."),
         "device": str(dev),
-        "threads": torch.get_num_threads(),
+        "machine": describe_machine(dev),
         "batch_size": batch_size,
         "compile": compile,
         "train_images_per_sec": round(train_rate, 1),

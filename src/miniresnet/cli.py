@@ -15,6 +15,7 @@ import typing
 from . import __version__
 from .config import PRESETS, TTA_MODES, TrainConfig
 from .errors import MiniResNetError
+from .runtime import PRECISIONS
 
 FLAG_ALIASES = {"out_dir": ["--out"]}
 
@@ -87,12 +88,13 @@ def load_for_inference(args: argparse.Namespace):
     import torch
 
     from .checkpoint import load_model
-    from .runtime import autocast_dtype, resolve_device, set_threads
+    from .runtime import resolve_device, resolve_precision, set_threads
 
     set_threads(args.threads)
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, device).to(memory_format=torch.channels_last)
-    return model, device, autocast_dtype(args.precision, device)
+    precision = resolve_precision(args.precision, device)
+    return model.to(dtype=precision.weights), device, precision
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -100,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluate import metrics, predict_logits
 
-    model, device, dtype = load_for_inference(args)
+    model, device, precision = load_for_inference(args)
     if args.image_folder:
         from .images import load_image_folder
 
@@ -112,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = load_cifar10(args.data_dir, verify=args.verify_data)
         images, labels, source = data.test_images, data.test_labels, "CIFAR-10 test set"
     logits = predict_logits(model, images, model.mean, model.std, batch_size=args.batch_size, device=device,
-                            dtype=dtype, tta=args.tta)  # fmt: skip
+                            precision=precision, tta=args.tta)  # fmt: skip
     result = {**metrics(logits, labels, model.classes), "tta": args.tta, "source": source}
     if args.plots:
         from .plots import plot_evaluation
@@ -142,7 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .evaluate import predict_logits
     from .images import find_images, load_image
 
-    model, device, dtype = load_for_inference(args)
+    model, device, precision = load_for_inference(args)
     if not 1 <= args.top_k <= len(model.classes):
         raise MiniResNetError(f"--top-k must be between 1 and {len(model.classes)}, got {args.top_k}")
     files = find_images(args.inputs)
@@ -156,8 +158,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             errors[f] = str(e)
     probs = {}
     if images:
-        logits = predict_logits(model, torch.stack(list(images.values())), model.mean, model.std,
-                                batch_size=args.batch_size, device=device, dtype=dtype, tta=args.tta)  # fmt: skip
+        batch = torch.stack(list(images.values()))
+        logits = predict_logits(model, batch, model.mean, model.std, batch_size=args.batch_size, device=device,
+                                precision=precision, tta=args.tta)  # fmt: skip
         probs = dict(zip(images, logits.softmax(1), strict=True))
     for f in files:
         if f in errors:
@@ -212,16 +215,26 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
-    from .runtime import set_threads
+    from .runtime import cpu_has_native_bf16, resolve_device, set_threads
 
     set_threads(args.threads)
-    precisions = ["fp32", "bf16"] if args.precision == "all" else [args.precision]
+    if args.precision == "all":  # bf16 only where it is native: elsewhere it would fall back to fp32 again
+        on_gpu = resolve_device(args.device).type == "cuda"
+        precisions = ["fp32", "bf16"] if on_gpu or cpu_has_native_bf16() else ["fp32"]
+    else:
+        precisions = [args.precision]
     for precision in precisions:
         result = run_bench(precision, args.batch_size, args.steps, args.repeats, args.device, compile=args.compile)
         if args.json:
             print(json.dumps(result), flush=True)
             continue
-        print(f"{precision} on {result['device']} ({result['threads']} threads), batch {result['batch_size']}:\n"
+        machine = result["machine"]
+        caps = [f"{name} capped to {machine[key]}" for name, key in (("oneDNN", "onednn_isa_cap"),
+                ("MKL", "mkl_isa_cap")) if machine[key]]  # fmt: skip
+        print(f"{machine['cpu']} ({machine['arch']}; PyTorch kernels {machine['cpu_capability']}"
+              f"{'; ' + ', '.join(caps) if caps else ''}; native bf16: {'yes' if machine['native_bf16'] else 'no'})")
+        print(f"{result['precision']} on {result['device']} ({machine['threads']} threads), "
+              f"batch {result['batch_size']}:\n"
               f"  train {result['train_images_per_sec']:8.0f} img/s = {result['train_gflops']:.0f} GFLOP/s, "
               f"{result['efficiency']:.0%} of the {result['matmul_gflops']:.0f} GFLOP/s {result['compute_dtype']} "
               f"matmul roofline\n"
@@ -256,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "and their 2-pixel shifts (flip-translate)")  # fmt: skip
         sub.add_argument("--batch-size", type=positive_int, default=100)
         sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-        sub.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+        sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="auto: bf16 where it is native")
         sub.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix")
@@ -300,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(run=cmd_download)
 
     bench = commands.add_parser("bench", help="training and evaluation throughput against the matmul roofline")
-    bench.add_argument("--precision", choices=("fp32", "bf16", "fp16", "all"), default="all",
-                       help="all = fp32 then bf16")  # fmt: skip
+    bench.add_argument("--precision", choices=(*PRECISIONS, "all"), default="all",
+                       help="all = fp32, then bf16 where it is native")  # fmt: skip
     bench.add_argument("--batch-size", type=positive_int, default=100)
     bench.add_argument("--steps", type=positive_int, default=30, help="training batches per timed repeat")
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats after one warm-up; medians")

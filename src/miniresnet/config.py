@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .runtime import PRECISIONS
+
 # Test-time augmentation: the views whose logits are averaged (see evaluate.views).
 TTA_MODES = ("none", "flip", "flip-translate")
 
@@ -60,7 +62,12 @@ class TrainConfig:
     seed: int = _opt(0, "seed for weights, data order and augmentation")
     # Machinery: where and how it runs; none of this changes what the recipe computes.
     device: str = _opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    precision: str = _opt("fp32", "fp32, bf16 (autocast) or fp16 (CUDA only)", choices=("fp32", "bf16", "fp16"))
+    precision: str = _opt(
+        "fp32",
+        "auto (bf16 where the CPU or GPU computes it natively, else fp32), fp32, bf16 or fp16 (CUDA only) "
+        "autocast, or fp64 (slow: for numerical checks)",
+        choices=PRECISIONS,
+    )
     sync_bn: bool = _opt(
         False,
         "with torchrun: BatchNorm statistics over the global batch, summed across "
@@ -135,7 +142,7 @@ PRESETS: dict[str, TrainConfig] = {
         downscale_epochs=12,
         downscale_size=24,
         tta="flip-translate",
-        precision="bf16",
+        precision="auto",
         eval_every=4,
     ),
 }

@@ -111,8 +111,8 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
             warnings.simplefilter("ignore", FutureWarning)
             from torch.distributed.nn.functional import all_reduce
 
-        xf = x.float()
-        count = torch.tensor([xf.numel() / xf.shape[1]], dtype=torch.float32, device=x.device)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 statistics in fp32; fp64 stays fp64
+        count = torch.tensor([xf.numel() / xf.shape[1]], dtype=xf.dtype, device=x.device)
         stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -134,7 +134,7 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
     """Swap every BatchNorm2d for a SyncedBatchNorm2d with the same parameters and statistics."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            synced = SyncedBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+            synced = SyncedBatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight)
             synced.load_state_dict(child.state_dict())
             setattr(module, name, synced)
         else:

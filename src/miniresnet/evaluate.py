@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import normalize
 from .config import TTA_MODES
 from .data import CLASSES
-from .loader import BatchLoader
-from .runtime import autocast
+from .runtime import FP32, Precision, autocast
 
 
 @torch.no_grad()
@@ -21,19 +21,21 @@ def predict_logits(
     *,
     batch_size: int = 100,
     device: torch.device = torch.device("cpu"),
-    dtype: torch.dtype | None = None,
+    precision: Precision = FP32,
     channels_last: bool = True,
     tta: str = "none",
 ) -> torch.Tensor:
     """float32 logits (N, classes) on the CPU for uint8 images, in order, in eval mode. With `tta`,
     each image's logits are the mean over its augmented views (see `views`)."""
-    no_labels = torch.zeros(len(images), dtype=torch.int64)
-    loader = BatchLoader(images, no_labels, batch_size, mean, std, device=device, channels_last=channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    weights_dtype = next(model.parameters()).dtype  # float32, or float64 for numerical checks
     was_training = model.training
     model.eval()
     out = []
-    for x, _ in loader:
-        with autocast(device, dtype):
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start : start + batch_size].to(device), mean, std, weights_dtype)
+        x = x.contiguous(memory_format=memory_format)
+        with autocast(device, precision):
             out.append(torch.stack([model(v).float() for v in views(x, tta)]).mean(0).cpu())
     model.train(was_training)
     return torch.cat(out)

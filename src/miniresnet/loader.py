@@ -12,7 +12,8 @@ from .augment import crop_flip, cut_out, normalize, pad, random_crops, random_sq
 
 
 class BatchLoader:
-    """Yields (images, labels) batches: float32 normalised images, int64 labels. With
+    """Yields (images, labels) batches: normalised images (float32 unless `dtype` says otherwise),
+    int64 labels. With
     world_size N > 1 it yields this process's share of each global batch (see distributed.py).
 
     Randomness comes from a generator seeded by (seed, epoch), drawn for the whole epoch up front,
@@ -35,6 +36,7 @@ class BatchLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -52,6 +54,7 @@ class BatchLoader:
         self.epoch = 0
         self.resize_to: int | None = None  # progressive resizing: yield images scaled to this size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.dtype = dtype  # of the images yielded: float32, or float64 for numerical checks
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -78,7 +81,7 @@ class BatchLoader:
             images = self.images[index]
             if augment:
                 images = crop_flip(images, self.size, dy[picked], dx[picked], mirrored[picked])
-            images = normalize(images, self.mean, self.std)
+            images = normalize(images, self.mean, self.std, self.dtype)
             if self.cutout:
                 images = cut_out(images, self.cutout, cy[picked], cx[picked])
             if self.resize_to and self.resize_to != self.size:

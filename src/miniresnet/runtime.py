@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,36 +65,110 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(mallopt(m_trim_threshold, 2**30))
 
 
+# The precisions a run may ask for; `auto` resolves to one of the others (see resolve_precision).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The numeric precision a run actually computes in (never "auto"): the autocast dtype of the
+    forward pass (None: none), and the dtype of the weights and inputs (fp64: float64, for
+    numerical checks; everything else: float32)."""
+
+    name: str
+    autocast: torch.dtype | None = None
+    weights: torch.dtype = torch.float32
+
+
+FP32 = Precision("fp32")
+
+# oneDNN's ISA caps under which its bf16 convolutions are native, not emulated with fp32 arithmetic.
+_NATIVE_BF16_ISAS = ("BF16", "AMX", "AVX10", "FP16", "ALL")
+
+
 def cpu_has_native_bf16() -> bool:
-    """bf16 autocast only pays on CPUs with bf16 dot-product instructions (AVX-512-BF16, AMX);
-    elsewhere PyTorch emulates it, slower than fp32."""
+    """Whether bf16 autocast will run on bf16 dot-product instructions here, as PyTorch will run it.
+
+    oneDNN's own check honours an ISA cap (ONEDNN_MAX_CPU_ISA) and covers aarch64's bf16; on x86
+    it also says yes for plain AVX-512, where bf16 is emulated and slower than fp32, so there the
+    CPU must also have AVX-512-BF16 or AMX, and the cap must not exclude them."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+    except (AttributeError, RuntimeError):
         return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return hardware and any(isa in cap for isa in _NATIVE_BF16_ISAS)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype to autocast to, or None for plain fp32; falls back to fp32 with a message
-    where the hardware cannot do the asked-for precision well."""
-    if precision == "fp32":
-        return None
+def resolve_precision(asked: str, device: torch.device) -> Precision:
+    """The precision that will run when `asked` is asked for on `device`. `auto`: bf16 where the
+    hardware computes it natively (a CPU with AVX-512-BF16, AMX or aarch64 bf16; a GPU with bf16),
+    fp32 elsewhere. An explicit precision the hardware cannot do well falls back to fp32, said once."""
+    if asked not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {asked!r}")
+    if asked == "fp64":
+        return Precision("fp64", weights=torch.float64)
     if device.type == "cuda":
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            print("note: this GPU has no bf16; using fp16 autocast instead", file=sys.stderr)
-            return torch.float16
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision == "fp16":
-        print("note: fp16 autocast is for CUDA; on the CPU using fp32", file=sys.stderr)
-        return None
-    if not cpu_has_native_bf16():
-        print("note: this CPU lacks native bf16 (AVX-512-BF16/AMX); using fp32", file=sys.stderr)
-        return None
-    return torch.bfloat16
+        bf16 = torch.cuda.is_bf16_supported()
+        if asked == "auto":
+            return Precision("bf16", torch.bfloat16) if bf16 else FP32
+        if asked == "bf16" and not bf16:
+            _note("this GPU has no bf16; using fp32")
+            return FP32
+        return {"fp32": FP32, "bf16": Precision("bf16", torch.bfloat16),
+                "fp16": Precision("fp16", torch.float16)}[asked]  # fmt: skip
+    native_bf16 = cpu_has_native_bf16()
+    if asked == "auto":
+        return Precision("bf16", torch.bfloat16) if native_bf16 else FP32
+    if asked == "fp16":
+        _note("fp16 autocast is for CUDA; on the CPU using fp32")
+        return FP32
+    if asked == "bf16" and not native_bf16:
+        _note("this CPU lacks native bf16 (AVX-512-BF16, AMX or aarch64 bf16); using fp32")
+        return FP32
+    return Precision(asked, torch.bfloat16 if asked == "bf16" else None)
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def cpu_model() -> str:
+    """The CPU's name as the OS gives it (Linux's /proc/cpuinfo), else what Python's platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device) -> dict:
+    """What a speed figure was measured on: the CPU, the instruction set PyTorch's own kernels
+    dispatch to, any cap on oneDNN's (convolutions) and MKL's (matmul), whether bf16 is native,
+    the threads, and the GPU if one is used."""
+    machine = {
+        "cpu": cpu_model(),
+        "arch": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+        "mkl_isa_cap": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
+        "native_bf16": cpu_has_native_bf16(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    if precision.autocast is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=precision.autocast)

@@ -39,7 +39,15 @@ from .evaluate import metrics, predict_logits
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs, count_parameters
 from .plots import NO_MATPLOTLIB, have_matplotlib, plot_curves, plot_evaluation
-from .runtime import autocast, autocast_dtype, available_cores, resolve_device, set_threads
+from .runtime import (
+    Precision,
+    autocast,
+    available_cores,
+    describe_machine,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+)
 
 
 class TrainingInterrupted(MiniResNetError):
@@ -181,7 +189,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
     state = open_run_dir(cfg, resume, ddp.is_main)
     out = Path(cfg.out_dir)
     threads = set_threads(cfg.threads or max(1, available_cores() // ddp.local_world_size))
-    dtype = autocast_dtype(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device)  # what runs, which `auto` or a fallback decides
     torch.manual_seed(cfg.seed)
 
     data = load_data(cfg)
@@ -192,7 +200,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
     train_loader = BatchLoader(
         train_images, train_labels, cfg.batch_size, mean, std, shuffle=True,
         crop_padding=cfg.crop_padding, flip=cfg.flip, cutout=cfg.cutout, seed=cfg.seed, device=device,
-        channels_last=cfg.channels_last, rank=ddp.rank, world_size=ddp.world_size,
+        channels_last=cfg.channels_last, dtype=precision.weights, rank=ddp.rank, world_size=ddp.world_size,
     )  # fmt: skip
     eval_sets = {"test": (data.test_images, data.test_labels)}
     if cfg.val_split:
@@ -201,7 +209,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
     model = MiniResNet(cfg.widths, cfg.blocks_per_stage, len(CLASSES), zero_init_residual=cfg.zero_init_residual)
     params, macs = count_parameters(model), count_macs(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, precision.weights, memory_format=memory_format)
     if cfg.sync_bn and ddp.enabled:
         model = sync_batchnorm(model)
     trainee = model  # what the steps run: the model itself, or its DistributedDataParallel wrapper
@@ -233,7 +241,8 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
         resolved = {
             **cfg.to_dict(),
             "resolved": {
-                "device": str(device), "threads": threads, "autocast": str(dtype) if dtype else None,
+                "device": str(device), "threads": threads, "precision": precision.name,
+                "machine": describe_machine(device),
                 "train_images": n_train, "val_images": cfg.val_split, "params": params, "macs": macs,
                 "mean": mean.tolist(), "std": std.tolist(), "torch": torch.__version__,
                 "processes": ddp.world_size,
@@ -244,7 +253,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
         write_text_atomically(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     processes = f" x {ddp.world_size} processes" if ddp.enabled else ""
     say(f"MiniResNet{cfg.widths}: {params:,} parameters, {macs / 1e6:.1f}M MACs/image; "
-        f"{n_train:,} training images on {device} ({threads} threads{processes}, {cfg.precision})")  # fmt: skip
+        f"{n_train:,} training images on {device} ({threads} threads{processes}, {precision.name})")  # fmt: skip
 
     def elapsed() -> float:
         return earlier_seconds + time.perf_counter() - started
@@ -266,7 +275,9 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
             )  # fmt: skip
         ddp.barrier()  # nobody moves on (or exits) while process 0 is still writing
 
-    inference = dict(batch_size=cfg.eval_batch_size, device=device, dtype=dtype, channels_last=cfg.channels_last)
+    inference = dict(
+        batch_size=cfg.eval_batch_size, device=device, precision=precision, channels_last=cfg.channels_last
+    )
     final_test: dict = {}  # the last epoch's test logits and metrics, for test_eval.json and the plots
     final_ttas = ("none", cfg.tta) if cfg.tta != "none" else ("none",)  # evaluated after the last epoch
 
@@ -310,7 +321,7 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
             train_loader.resize_to = cfg.downscale_size if epoch < cfg.downscale_epochs else None
             epoch_start = time.perf_counter()
             train_loss, train_acc = train_one_epoch(
-                trainee, optimizer, train_loader, device, dtype, cfg, epoch, ema, tally,
+                trainee, optimizer, train_loader, device, precision, cfg, epoch, ema, tally,
                 after_step=functools.partial(after_step, epoch), checkpoint=out / "last.pt", ddp=ddp,
             )  # fmt: skip
             tally = EpochTally()
@@ -357,7 +368,8 @@ def _train(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.devic
         "epochs": cfg.epochs,
         "seconds": round(elapsed(), 2),
         "seed": cfg.seed,
-        "precision": cfg.precision,
+        "precision": precision.name,
+                "machine": describe_machine(device),
         "device": str(device),
         "params": params,
         "run_dir": str(out),
@@ -395,7 +407,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     loader: BatchLoader,
     device: torch.device,
-    dtype: torch.dtype | None,
+    precision: Precision,
     cfg: TrainConfig,
     epoch: int,
     ema: EMA | None = None,
@@ -417,7 +429,7 @@ def train_one_epoch(
         lr = learning_rate(cfg, epoch * len(loader) + tally.step, len(loader))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(device, dtype):
+        with autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         value = loss.item()
@@ -425,8 +437,8 @@ def train_one_epoch(
             kept = f"; the last good checkpoint is {checkpoint}" if checkpoint and checkpoint.exists() else ""
             raise MiniResNetError(
                 f"the training loss became {value} at step {tally.step + 1} of epoch {epoch + 1} "
-                f"(lr {lr:.3g}, {cfg.precision}){kept}. Lower --lr or add --warmup"
-                + (", or use --precision fp32" if cfg.precision != "fp32" else "")
+                f"(lr {lr:.3g}, {precision.name}){kept}. Lower --lr or add --warmup"
+                + (", or use --precision fp32" if precision.autocast else "")
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
