@@ -20,13 +20,16 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 train: venv
 	$(BIN)/miniresnet train --preset seed --data-dir $(DATA_DIR) --out $(RUN_DIR)
 
-# The test suite, then the linter. Real-data tests read MINIRESNET_CIFAR10 and skip without it.
+# The test suite, then the linter and the formatter's check. Real-data tests read MINIRESNET_CIFAR10
+# and skip without it.
 test: venv
 	$(BIN)/python -m pytest
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -24,19 +24,37 @@ def main() -> None:
     parser.add_argument("--val-split", type=int, default=5000, help="validation images held out of training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", help="results file benchmarks/results/<name>.json (default: ablation-PRESET)")
-    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=OPTIONS",
-                        help="a row: its label, '=', then the `miniresnet train` options that make it")  # fmt: skip
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=OPTIONS",
+        help="a row: its label, '=', then the `miniresnet train` options that make it",
+    )
     args = parser.parse_args()
     common = ["--val-split", str(args.val_split)] + (["--epochs", str(args.epochs)] if args.epochs else [])
     rows = []
     for variant in [f"{args.preset} as is=", *args.variant]:
         label, _, options = variant.partition("=")
         slug = "".join(c if c.isalnum() else "-" for c in label).strip("-")
-        run = train_run(args.preset, args.seed, args.data_dir, f"{args.name or 'ablation-' + args.preset}-{slug}",
-                        common + shlex.split(options))  # fmt: skip
+        run = train_run(
+            args.preset,
+            args.seed,
+            args.data_dir,
+            f"{args.name or 'ablation-' + args.preset}-{slug}",
+            common + shlex.split(options),
+        )
         s = run["summary"]
-        rows.append({"label": label, "options": options, "val_acc": s["val_acc"],
-                     "val_acc_plain": s["val_acc_plain"], "seconds": s["seconds"], "run": run})  # fmt: skip
+        rows.append(
+            {
+                "label": label,
+                "options": options,
+                "val_acc": s["val_acc"],
+                "val_acc_plain": s["val_acc_plain"],
+                "seconds": s["seconds"],
+                "run": run,
+            }
+        )
         print(f"{label}: val_acc {s['val_acc']:.4f} (plain {s['val_acc_plain']:.4f})  {s['seconds']:.0f} s", flush=True)
     path = ROOT / "benchmarks" / "results" / f"{args.name or 'ablation-' + args.preset}.json"
     path.write_text(json.dumps({"preset": args.preset, "common": common, "seed": args.seed, "rows": rows}, indent=1))
@@ -45,8 +63,10 @@ def main() -> None:
     print(f"\n| {header} | options | val acc (TTA) | plain | vs preset | seconds |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['label']} | `{r['options']}` | {r['val_acc']:.2%} | {r['val_acc_plain']:.2%} | "
-              f"{(r['val_acc'] - base) * 100:+.2f} | {r['seconds']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['label']} | `{r['options']}` | {r['val_acc']:.2%} | {r['val_acc_plain']:.2%} | "
+            f"{(r['val_acc'] - base) * 100:+.2f} | {r['seconds']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -56,9 +56,15 @@ def main() -> None:
                 command += ["--steps", str(args.steps)]
                 child = subprocess.run(command, capture_output=True, text=True, check=True)
                 runs[precision][mode].append(json.loads(child.stdout))
-            print(f"repeat {repeat + 1}/{args.repeats} {precision}: " + "  ".join(
-                f"{m} {r[-1]['images_per_sec']:.0f} img/s, {r[-1]['faults_per_step']:.0f} faults/step"
-                for m, r in runs[precision].items()), file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"repeat {repeat + 1}/{args.repeats} {precision}: "
+                + "  ".join(
+                    f"{m} {r[-1]['images_per_sec']:.0f} img/s, {r[-1]['faults_per_step']:.0f} faults/step"
+                    for m, r in runs[precision].items()
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
     result = {}
     for precision, by_mode in runs.items():
         medians = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in by_mode.items()}
@@ -74,9 +80,11 @@ def main() -> None:
         return
     for precision, r in result.items():
         d, k = r["median"]["default"], r["median"]["keep"]
-        print(f"{precision}: default {d['images_per_sec']:.0f} img/s ({d['faults_per_step']:.0f} faults/step), "
-              f"kept {k['images_per_sec']:.0f} img/s ({k['faults_per_step']:.0f} faults/step): "
-              f"x{r['speedup_median']:.3f} (median of per-repeat ratios)")  # fmt: skip
+        print(
+            f"{precision}: default {d['images_per_sec']:.0f} img/s ({d['faults_per_step']:.0f} faults/step), "
+            f"kept {k['images_per_sec']:.0f} img/s ({k['faults_per_step']:.0f} faults/step): "
+            f"x{r['speedup_median']:.3f} (median of per-repeat ratios)"
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,23 @@ ROOT = Path(__file__).resolve().parent.parent
 def train_run(preset: str, seed: int, data_dir: str, name: str, extra: list[str]) -> dict:
     """One `miniresnet train` in a subprocess; its command, summary and per-epoch metrics."""
     out = ROOT / "runs" / "bench" / name
-    command = [sys.executable, "-m", "miniresnet", "train", "--preset", preset, "--seed", str(seed),
-               "--data-dir", data_dir, "--out", str(out), "--overwrite", "--quiet", *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "miniresnet",
+        "train",
+        "--preset",
+        preset,
+        "--seed",
+        str(seed),
+        "--data-dir",
+        data_dir,
+        "--out",
+        str(out),
+        "--overwrite",
+        "--quiet",
+        *extra,
+    ]
     print("$", " ".join(command[1:]), flush=True)
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -50,13 +65,20 @@ def main() -> None:
         runs += [r for r in json.loads(path.read_text())["runs"] if r["seed"] not in args.seeds]
     runs.sort(key=lambda r: r["seed"])
     accs = [r["summary"]["test_acc"] for r in runs]
-    report = {"preset": args.preset, "extra": args.extra, "runs": runs, "test_acc_mean": statistics.mean(accs),
-              "test_acc_stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-              "seconds_median": statistics.median(r["summary"]["seconds"] for r in runs)}  # fmt: skip
+    report = {
+        "preset": args.preset,
+        "extra": args.extra,
+        "runs": runs,
+        "test_acc_mean": statistics.mean(accs),
+        "test_acc_stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "seconds_median": statistics.median(r["summary"]["seconds"] for r in runs),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{name}: {len(runs)} seeds, test_acc mean {report['test_acc_mean']:.4f} "
-          f"(stdev {report['test_acc_stdev']:.4f}), median {report['seconds_median']:.0f} s -> {path}")  # fmt: skip
+    print(
+        f"{name}: {len(runs)} seeds, test_acc mean {report['test_acc_mean']:.4f} "
+        f"(stdev {report['test_acc_stdev']:.4f}), median {report['seconds_median']:.0f} s -> {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ class PerImageCifar(Dataset):
 def reference_segments(steps: int, batch_size: int, pil: bool):
     """A generator: each next() trains `steps` batches of the reference loop and yields images/s."""
     images, labels = synthetic_data(50_000)
-    loader = DataLoader(PerImageCifar(images, labels, pil), batch_size=batch_size, shuffle=True, num_workers=1,
-                        persistent_workers=True)  # fmt: skip
+    loader = DataLoader(
+        PerImageCifar(images, labels, pil), batch_size=batch_size, shuffle=True, num_workers=1, persistent_workers=True
+    )
     model = MiniResNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
@@ -121,14 +122,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    references = {f"reference-{kind}": in_plain_process(args.steps, args.batch_size, kind == "pil")
-                  for kind in ("pil", "tensor")}  # fmt: skip
+    references = {
+        f"reference-{kind}": in_plain_process(args.steps, args.batch_size, kind == "pil") for kind in ("pil", "tensor")
+    }
     threads = set_threads(0)
     device = torch.device("cpu")
     references["reference-pil-tuned"] = reference_segments(args.steps, args.batch_size, pil=True)
     ours = ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",)  # emulated bf16 is only slower
-    configs = {p: dataclasses.replace(PRESETS["seed"], precision=p, batch_size=args.batch_size, quiet=True)
-               for p in ours}  # fmt: skip
+    configs = {
+        p: dataclasses.replace(PRESETS["seed"], precision=p, batch_size=args.batch_size, quiet=True) for p in ours
+    }
     rates: dict[str, list[float]] = {name: [] for name in [*references, *ours]}
     try:
         for reference in references.values():
@@ -138,20 +141,24 @@ def main() -> None:
                 rates[name].append(next(reference))
             for precision, cfg in configs.items():
                 rates[precision] += time_training(cfg, args.steps, 1, device)
-            print(f"repeat {repeat + 1}/{args.repeats}: "
-                  + "  ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()), flush=True)  # fmt: skip
+            print(
+                f"repeat {repeat + 1}/{args.repeats}: " + "  ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()),
+                flush=True,
+            )
     finally:
         for reference in references.values():
             reference.close()  # stops the reference processes
     medians = {k: statistics.median(v) for k, v in rates.items()}
     result = {
-        "machine": describe_machine(device), "threads": threads, "steps": args.steps, "repeats": args.repeats,
+        "machine": describe_machine(device),
+        "threads": threads,
+        "steps": args.steps,
+        "repeats": args.repeats,
         "batch_size": args.batch_size,
         "median_images_per_sec": {k: round(v, 1) for k, v in medians.items()},
-        "speedup": {f"{k}_vs_{ref}": round(medians[k] / medians[ref], 2)
-                    for k in ours for ref in references},
+        "speedup": {f"{k}_vs_{ref}": round(medians[k] / medians[ref], 2) for k in ours for ref in references},
         "all_images_per_sec": {k: [round(r, 1) for r in v] for k, v in rates.items()},
-    }  # fmt: skip
+    }
     if args.json:
         print(json.dumps(result))
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from miniresnet.config import TrainConfig
 from miniresnet.data import BIN_DIR, PY_DIR, TEST_FILES, TRAIN_FILES
 
 
@@ -30,8 +31,12 @@ def write_binary_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> No
 
 
 def write_python_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    batch = {b"batch_label": b"synthetic", b"labels": [int(v) for v in labels],
-             b"data": images.reshape(len(images), -1), b"filenames": [b"x.png"] * len(labels)}  # fmt: skip
+    batch = {
+        b"batch_label": b"synthetic",
+        b"labels": [int(v) for v in labels],
+        b"data": images.reshape(len(images), -1),
+        b"filenames": [b"x.png"] * len(labels),
+    }
     path.write_bytes(pickle.dumps(batch, protocol=2))
 
 
@@ -44,6 +49,22 @@ def make_dataset(root: Path, fmt: str = BIN_DIR, per_file: int = 40, test_size: 
         write(batches / name, *synthetic_images(per_file, seed=i))
     write(batches / TEST_FILES[fmt][0], *synthetic_images(test_size, seed=99))
     return root
+
+
+def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    """The configuration of a short run on tiny data: the one every training test starts from."""
+    base = dict(
+        data_dir=str(data_dir),
+        out_dir=str(out_dir),
+        epochs=3,
+        batch_size=25,
+        lr=3e-3,
+        verify_data=False,
+        download=False,
+        quiet=True,
+        eval_batch_size=64,
+    )
+    return TrainConfig(**{**base, **overrides})
 
 
 @pytest.fixture
@@ -59,4 +80,4 @@ def real_data() -> Path:
     return Path(path)
 
 
-__all__ = ["PY_DIR", "make_dataset", "synthetic_images", "write_binary_batch", "write_python_batch"]
+__all__ = ["PY_DIR", "make_dataset", "tiny_config", "synthetic_images", "write_binary_batch", "write_python_batch"]

@@ -30,8 +30,12 @@ def test_crop_shape_and_each_image_gets_its_own_window():
     offsets = set()
     padded = pad(images, 4)
     for i in range(64):
-        found = [(dy, dx) for dy in range(9) for dx in range(9)
-                 if torch.equal(padded[i, :, dy:dy + 32, dx:dx + 32], out[i])]  # fmt: skip
+        found = [
+            (dy, dx)
+            for dy in range(9)
+            for dx in range(9)
+            if torch.equal(padded[i, :, dy : dy + 32, dx : dx + 32], out[i])
+        ]
         assert len(found) >= 1
         offsets.add(found[0])
     assert len(offsets) > 20  # 81 possible windows: 64 images do not share one

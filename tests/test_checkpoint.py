@@ -9,8 +9,14 @@ from miniresnet.model import MiniResNet
 
 
 def state_of(model: MiniResNet) -> dict:
-    return {"arch": model.arch(), "model": model.state_dict(), "classes": ["a"] * 10,
-            "mean": [0.5] * 3, "std": [0.25] * 3, "epoch": 1}  # fmt: skip
+    return {
+        "arch": model.arch(),
+        "weights": model.state_dict(),
+        "classes": ["a"] * 10,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "epoch": 1,
+    }
 
 
 def test_round_trip(tmp_path):
@@ -20,6 +26,18 @@ def test_round_trip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model.eval()(x), restored.eval()(x))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+
+
+def test_a_checkpoint_written_before_the_key_rename_still_loads(tmp_path):
+    """Checkpoints once named the weights to use "model" and the raw trained ones "trained_model"."""
+    model = MiniResNet()
+    old = {**state_of(model), "trained_model": None}
+    old["model"] = old.pop("weights")
+    torch.save({"format": "miniresnet-checkpoint", **old}, tmp_path / "old.pt")
+    state = load_checkpoint(tmp_path / "old.pt")
+    assert "model" not in state and state["trained_weights"] is None
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), model_from_checkpoint(state).eval()(x))
 
 
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):

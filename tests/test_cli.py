@@ -19,9 +19,27 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def test_train_then_evaluate(tiny_data, tmp_path):
     out = tmp_path / "run"
-    train = run("train", "--preset", "seed", "--epochs", "2", "--batch-size", "50", "--data-dir", str(tiny_data),
-                "--out", str(out), "--quiet", "--seed", "3", "--device", "cpu", "--no-verify-data",
-                "--lr", "0.003")  # fmt: skip
+    train = run(
+        "train",
+        "--preset",
+        "seed",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "50",
+        "--data-dir",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--quiet",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--no-verify-data",
+        "--lr",
+        "0.003",
+    )
     summary = json.loads(train.stdout.strip().splitlines()[-1])
     assert 0 <= summary["test_acc"] <= 1 and summary["epochs"] == 2 and summary["seconds"] > 0
     assert (out / "config.json").exists() and (out / "last.pt").exists()
@@ -39,8 +57,22 @@ def test_train_then_evaluate(tiny_data, tmp_path):
 
 
 def test_cli_options_map_onto_the_config():
-    args = build_parser().parse_args(["train", "--epochs", "3", "--no-flip", "--widths", "8", "16", "32",
-                                      "--out", "somewhere", "--val-split", "5000"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--epochs",
+            "3",
+            "--no-flip",
+            "--widths",
+            "8",
+            "16",
+            "32",
+            "--out",
+            "somewhere",
+            "--val-split",
+            "5000",
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.epochs, cfg.flip, cfg.widths, cfg.out_dir, cfg.val_split) == (3, False, (8, 16, 32), "somewhere", 5000)
     assert cfg.lr == PRESETS["seed"].lr  # untouched options keep the preset's values

@@ -24,7 +24,7 @@ from miniresnet.data import (
     read_python_batch,
     safe_extract,
     verify_files,
-)  # fmt: skip
+)
 from miniresnet.errors import MiniResNetError
 
 
@@ -213,7 +213,7 @@ def test_download_from_unreachable_url_is_a_clear_error(tmp_path, archive_server
     url, archive_md5, sums = archive_server
     with pytest.raises(MiniResNetError, match="could not download"):
         download_cifar10(tmp_path / "d", url=url + ".missing", archive_md5=archive_md5, file_md5=sums, progress=False)
-    assert not list((tmp_path / "d").glob("*.part"))
+    assert not list((tmp_path / "d").glob(".*.tmp"))
 
 
 def test_md5sum_matches_hashlib(tmp_path):

@@ -65,8 +65,16 @@ def test_shards_cover_everything_once():
 
 
 def torchrun(nproc: int, *args: str, check: bool = True, popen: bool = False):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "miniresnet", *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "miniresnet",
+        *args,
+    ]
     if popen:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -76,9 +84,32 @@ def torchrun(nproc: int, *args: str, check: bool = True, popen: bool = False):
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data-dir", str(data), "--out", str(out), "--batch-size", "20", "--optimizer", "sgd",
-            "--momentum", "0.9", "--no-verify-data", "--no-download", "--quiet", "--device", "cpu",
-            "--threads", "1", "--eval-batch-size", "50", "--sync-bn", "--precision", "fp64", *extra]  # fmt: skip
+    return [
+        "train",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "20",
+        "--optimizer",
+        "sgd",
+        "--momentum",
+        "0.9",
+        "--no-verify-data",
+        "--no-download",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--eval-batch-size",
+        "50",
+        "--sync-bn",
+        "--precision",
+        "fp64",
+        *extra,
+    ]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -117,12 +148,14 @@ def terminate_after_epoch(process: subprocess.Popen, run: Path, epoch: int) -> i
 def test_resume_across_process_counts(tiny_data, tmp_path):
     """Stopped with 2 processes, resumed with 1 and stopped again, resumed with 2 to the end."""
     run = tmp_path / "run"
-    first = terminate_after_epoch(torchrun(2, *train_args(tiny_data, run, "--epochs", "30", "--lr", "0.01"),
-                                           popen=True), run, 0)  # fmt: skip
+    first = terminate_after_epoch(
+        torchrun(2, *train_args(tiny_data, run, "--epochs", "30", "--lr", "0.01"), popen=True), run, 0
+    )
     assert 1 <= first < 30
     resume = ["train", "--resume", str(run), "--quiet", "--threads", "1"]
-    single = subprocess.Popen([sys.executable, "-m", "miniresnet", *resume], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    single = subprocess.Popen(
+        [sys.executable, "-m", "miniresnet", *resume], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     second = terminate_after_epoch(single, run, first)
     assert first < second < 30
     torchrun(2, *resume)

@@ -17,9 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import synthetic_images, write_binary_batch, write_python_batch
+from conftest import synthetic_images, tiny_config, write_binary_batch, write_python_batch
 from miniresnet.checkpoint import load_checkpoint
-from miniresnet.config import TrainConfig
 from miniresnet.data import read_binary_batch, read_python_batch
 from miniresnet.errors import MiniResNetError
 from miniresnet.train import train
@@ -28,9 +27,32 @@ TIMED_FIELDS = ("seconds", "elapsed", "images_per_sec")
 
 
 def train_command(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "miniresnet", "train", "--data-dir", str(data), "--out", str(out), "--epochs", "3",
-            "--batch-size", "20", "--lr", "0.003", "--no-verify-data", "--no-download", "--quiet", "--device", "cpu",
-            "--eval-batch-size", "100", "--threads", "1", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "miniresnet",
+        "train",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "20",
+        "--lr",
+        "0.003",
+        "--no-verify-data",
+        "--no-download",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--eval-batch-size",
+        "100",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def untimed(run_dir: Path) -> list[dict]:
@@ -61,15 +83,17 @@ def test_sigkill_at_random_moments_loses_nothing_but_the_last_steps(tiny_data, t
             command = [*command[:4], "--resume", str(run_dir), "--no-verify-data", "--quiet", "--threads", "1"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for_progress(run_dir, process, after=rng.uniform(0.0, 1.5))
-        if process.poll() is not None:
-            break  # finished before this kill point
+        if process.poll() is not None:  # finished before this kill point: nothing left to resume
+            assert process.returncode == 0, process.stderr.read()
+            break
         process.kill()
         process.wait()
         kills += 1
         state = load_checkpoint(run_dir / "last.pt")  # never torn: loads, and says where it was
         assert 0 <= state["epoch"] <= 3 and state["tally"]["step"] <= 10
-    resume = [*command[:4], "--resume", str(run_dir), "--no-verify-data", "--quiet", "--threads", "1"]
-    subprocess.run(resume, check=True, capture_output=True)
+    else:
+        resume = [*command[:4], "--resume", str(run_dir), "--no-verify-data", "--quiet", "--threads", "1"]
+        subprocess.run(resume, check=True, capture_output=True)
     assert kills >= 1
     assert untimed(run_dir) == untimed(reference)
     assert not list(run_dir.glob(".*.tmp"))  # a save cut off by a kill leaves a temporary file; resume removes it
@@ -78,8 +102,9 @@ def test_sigkill_at_random_moments_loses_nothing_but_the_last_steps(tiny_data, t
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_save_and_say_how_to_resume(tiny_data, tmp_path, signum):
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(train_command(tiny_data, run_dir, "--epochs", "30"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        train_command(tiny_data, run_dir, "--epochs", "30"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for_progress(run_dir, process, after=0.3)
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
@@ -93,8 +118,7 @@ def test_sigint_and_sigterm_save_and_say_how_to_resume(tiny_data, tmp_path, sign
 
 def test_full_disk_mid_run_stops_cleanly_and_the_run_resumes(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = TrainConfig(data_dir=str(tiny_data), out_dir=str(out), epochs=3, batch_size=25, lr=3e-3,
-                      verify_data=False, download=False, quiet=True)  # fmt: skip
+    cfg = tiny_config(tiny_data, out, eval_batch_size=100)
     real_save, saves = torch.save, []
 
     def save_until_the_disk_fills(obj, f, *args, **kwargs):

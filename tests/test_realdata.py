@@ -23,10 +23,25 @@ def test_real_data_loads_whole_and_balanced(real_data):
 def test_one_epoch_of_the_seed_preset_is_well_above_chance(real_data, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "miniresnet", "train", "--preset", "seed", "--epochs", "1", "--data-dir", str(real_data),
-         "--out", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "miniresnet",
+            "train",
+            "--preset",
+            "seed",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(real_data),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["test_acc"] > 0.35  # chance is 0.10; one seed-preset epoch reached 0.47 here

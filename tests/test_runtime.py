@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 
+from conftest import tiny_config
 from miniresnet import runtime
 from miniresnet.bench import matmul_gflops, run_bench
 from miniresnet.errors import MiniResNetError
@@ -82,11 +83,9 @@ def test_matmul_gflops_is_positive():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_training_runs(tiny_data, tmp_path):
-    from miniresnet.config import TrainConfig
     from miniresnet.train import train
 
-    cfg = TrainConfig(data_dir=str(tiny_data), out_dir=str(tmp_path / "r"), epochs=1, batch_size=50,
-                      verify_data=False, download=False, quiet=True, device="cuda", precision="bf16")  # fmt: skip
+    cfg = tiny_config(tiny_data, tmp_path / "r", epochs=1, batch_size=50, device="cuda", precision="bf16")
     summary = train(cfg)
     assert summary["device"].startswith("cuda") and 0 <= summary["test_acc"] <= 1
 
@@ -126,8 +125,9 @@ def test_keeping_freed_memory_ends_the_page_faults_of_each_step():
     faults its pages in again; with it, a step in steady state reuses the heap."""
 
     def faults(mode: str) -> float:
-        done = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], capture_output=True, text=True,
-                              check=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode], capture_output=True, text=True, check=True, timeout=120
+        )
         return float(done.stdout)
 
     default, kept = faults("default"), faults("keep")

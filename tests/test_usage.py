@@ -28,8 +28,18 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(data dir, run dir) of a short run on tiny synthetic data."""
     root = tmp_path_factory.mktemp("usage")
     data = make_dataset(root / "data")
-    cfg = TrainConfig(data_dir=str(data), out_dir=str(root / "run"), epochs=2, batch_size=25, lr=3e-3, quiet=True,
-                      verify_data=False, download=False, eval_batch_size=64, tta="flip")  # fmt: skip
+    cfg = TrainConfig(
+        data_dir=str(data),
+        out_dir=str(root / "run"),
+        epochs=2,
+        batch_size=25,
+        lr=3e-3,
+        quiet=True,
+        verify_data=False,
+        download=False,
+        eval_batch_size=64,
+        tta="flip",
+    )
     train(cfg)
     return data, root / "run"
 
@@ -128,8 +138,9 @@ def test_predict_agrees_with_the_model_on_the_same_pixels(trained, tmp_path, cap
     _, run = trained
     images, _ = synthetic_images(4, seed=11)
     paths = save_images(tmp_path / "in", images)  # PNG is lossless: the same pixels come back
-    _, out, _ = run_cli(capsys, "predict", str(run / "last.pt"), *map(str, paths), "--top-k", "1", "--json",
-                        "--precision", "fp64")  # fmt: skip
+    _, out, _ = run_cli(
+        capsys, "predict", str(run / "last.pt"), *map(str, paths), "--top-k", "1", "--json", "--precision", "fp64"
+    )
     model = load_model(run / "last.pt").double()  # float64 on both sides: the same figures on any CPU
     pixels = torch.from_numpy(images).double() / 255
     expected = model((pixels - model.mean.view(1, 3, 1, 1)) / model.std.view(1, 3, 1, 1)).softmax(1)
@@ -144,8 +155,18 @@ def test_evaluate_on_an_image_folder_matches_the_same_images_as_tensors(trained,
     images, labels = synthetic_images(30, seed=5)
     for cls in range(10):
         save_images(tmp_path / "folder" / CLASSES[cls], images[labels == cls])
-    code, out, _ = run_cli(capsys, "evaluate", str(run / "last.pt"), "--image-folder", str(tmp_path / "folder"),
-                           "--json", "--plots", str(tmp_path / "plots"), "--precision", "fp64")  # fmt: skip
+    code, out, _ = run_cli(
+        capsys,
+        "evaluate",
+        str(run / "last.pt"),
+        "--image-folder",
+        str(tmp_path / "folder"),
+        "--json",
+        "--plots",
+        str(tmp_path / "plots"),
+        "--precision",
+        "fp64",
+    )
     result = json.loads(out)
     assert code == 0 and result["n"] == 30 and sum(map(sum, result["confusion"])) == 30
     model = load_model(run / "last.pt").double()  # float64 on both sides: no near-tie flips between kernels
@@ -171,12 +192,31 @@ def test_image_folder_errors_name_the_problem(trained, tmp_path, capsys):
 def test_export_is_checked_against_pytorch(trained, tmp_path, capsys, fmt):
     data, run = trained
     out = tmp_path / f"model.{fmt}"
-    code, stdout, _ = run_cli(capsys, "export", str(run / "last.pt"), "--format", fmt, "--out", str(out),
-                              "--data-dir", str(data), "--no-verify-data", "--json")  # fmt: skip
+    code, stdout, _ = run_cli(
+        capsys,
+        "export",
+        str(run / "last.pt"),
+        "--format",
+        fmt,
+        "--out",
+        str(out),
+        "--data-dir",
+        str(data),
+        "--no-verify-data",
+        "--json",
+    )
     result = json.loads(stdout)
     assert code == 0 and out.is_file() and result["checked_on_images"] == 100
     assert result["max_abs_logit_diff"] < 1e-3 and result["top1_agreement"] == 1.0
-    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed into place
+    assert not list(tmp_path.glob(".*.tmp*"))  # the temporary file was renamed into place, nothing beside it
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("model")] == [out.name]  # one file
+    if fmt == "onnx":  # it stands alone: moved elsewhere, it still runs
+        onnxruntime = pytest.importorskip("onnxruntime")
+        moved = tmp_path / "elsewhere" / "m.onnx"
+        moved.parent.mkdir()
+        out.rename(moved)
+        session = onnxruntime.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
+        assert session.run(["logits"], {"images": np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, 10)
     # The exported model takes [0, 1] images, normalisation inside: check one format by hand too,
     # against float64 logits, as close as the float32 model itself comes to them (its error depends
     # on the CPU's kernels; a wrong normalisation would be off by far more).

@@ -47,8 +47,7 @@ def crop_flip(
 
     All of it is one gather of whole pixels (rows of C values): a view, not a copy, when `padded`
     is channels_last, as the loader keeps it. Against gathering single values of an NCHW tensor
-    by four indices, it halves the loader's time per batch (~1 ms -> ~0.5 ms here, ~1% of a CPU
-    training step)."""
+    by four indices, it halves the loader's time per batch (benchmarks/RESULTS.md has the figures)."""
     n, c, height, width = padded.shape
     pixels = padded.permute(0, 2, 3, 1).reshape(-1, c)
     offsets = torch.arange(size)

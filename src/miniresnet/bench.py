@@ -5,6 +5,7 @@ hardware can do and not only as a number of images per second."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -15,6 +16,7 @@ from .evaluate import evaluate
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs
 from .runtime import describe_machine, resolve_device, resolve_precision
+from .train import build_optimizer, learning_rate, train_steps
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 MEAN, STD = torch.full((3,), 0.5), torch.full((3,), 0.25)  # any normalisation costs the same
@@ -52,23 +54,42 @@ def _model(cfg: TrainConfig, device: torch.device) -> MiniResNet:
 
 
 def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.device) -> list[float]:
-    """Images/s of `train_one_epoch` (the loop `miniresnet train` runs: batched crop/flip,
-    normalisation, forward, backward, the preset's optimizer) over `steps` batches, once per repeat after a warm-up."""
-    from .train import build_optimizer, train_one_epoch
-
+    """Images/s of `train_steps` (the loop `miniresnet train` runs: batched crop/flip, normalisation,
+    forward, backward, the preset's optimizer and lr schedule) over `steps` batches, once per repeat
+    after a warm-up."""
     images, labels = synthetic_data(cfg.batch_size * steps)
-    loader = BatchLoader(images, labels, cfg.batch_size, MEAN, STD, shuffle=True, crop_padding=cfg.crop_padding,
-                         flip=cfg.flip, device=device, channels_last=cfg.channels_last)  # fmt: skip
+    loader = BatchLoader(
+        images,
+        labels,
+        cfg.batch_size,
+        MEAN,
+        STD,
+        shuffle=True,
+        crop_padding=cfg.crop_padding,
+        flip=cfg.flip,
+        device=device,
+        channels_last=cfg.channels_last,
+    )
     model = _model(cfg, device)
     optimizer = build_optimizer(model, cfg)
     precision = resolve_precision(cfg.precision, device)
-    trainee = torch.compile(model) if cfg.compile else model  # compiled during the warm-up pass
+    model_to_train = torch.compile(model) if cfg.compile else model  # compiled during the warm-up pass
+    lr_at_step = functools.partial(learning_rate, cfg, steps_per_epoch=len(loader))
     rates = []
     for repeat in range(repeats + 1):  # the first pass is warm-up
         loader.set_epoch(repeat)
         synchronize(device)
         start = time.perf_counter()
-        train_one_epoch(trainee, optimizer, loader, device, precision, cfg, repeat)
+        for _ in train_steps(
+            model_to_train,
+            optimizer,
+            loader,
+            lr_at_step,
+            repeat,
+            precision=precision,
+            label_smoothing=cfg.label_smoothing,
+        ):
+            pass
         synchronize(device)
         if repeat:
             rates.append(len(labels) / (time.perf_counter() - start))
@@ -84,8 +105,17 @@ def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> lis
     for repeat in range(repeats + 1):
         synchronize(device)
         start = time.perf_counter()
-        evaluate(model, images, labels, MEAN, STD, batch_size=cfg.eval_batch_size, device=device, precision=precision,
-                 channels_last=cfg.channels_last)  # fmt: skip
+        evaluate(
+            model,
+            images,
+            labels,
+            MEAN,
+            STD,
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            precision=precision,
+            channels_last=cfg.channels_last,
+        )
         synchronize(device)
         if repeat:
             rates.append(TEST_IMAGES / (time.perf_counter() - start))
@@ -93,13 +123,17 @@ def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> lis
 
 
 def run_bench(
-    precision: str = "fp32", batch_size: int = 100, steps: int = 30, repeats: int = 5, device: str = "auto",
-    preset: str = "seed", compile: bool = False,
-) -> dict:  # fmt: skip
+    precision: str = "fp32",
+    batch_size: int = 100,
+    steps: int = 30,
+    repeats: int = 5,
+    device: str = "auto",
+    preset: str = "seed",
+    compile: bool = False,
+) -> dict:
     """One precision's figures; the train FLOPs per image count the backward pass as twice the forward."""
     dev = resolve_device(device)
-    cfg = dataclasses.replace(PRESETS[preset], precision=precision, batch_size=batch_size, quiet=True,
-                              compile=compile)  # fmt: skip
+    cfg = dataclasses.replace(PRESETS[preset], precision=precision, batch_size=batch_size, quiet=True, compile=compile)
     resolved = resolve_precision(precision, dev)
     dtype = resolved.autocast or resolved.weights  # the roofline is a matmul in the dtype the convolutions run in
     cfg = dataclasses.replace(cfg, precision=resolved.name)  # a fallback is said once, here

@@ -29,12 +29,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         extra = {k: v for k, v in f.metadata.items() if k != "help"}
         help_text = f"{f.metadata['help']} (seed preset: {getattr(PRESETS['seed'], f.name)!r})"
         if kind is bool:
-            parser.add_argument(flag, *FLAG_ALIASES.get(f.name, []), dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)  # fmt: skip
+            parser.add_argument(
+                flag,
+                *FLAG_ALIASES.get(f.name, []),
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
         else:
             scalar = int if typing.get_origin(kind) is tuple else kind
-            parser.add_argument(flag, *FLAG_ALIASES.get(f.name, []), dest=f.name, default=None,
-                                type=scalar, help=help_text, **extra)  # fmt: skip
+            parser.add_argument(
+                flag, *FLAG_ALIASES.get(f.name, []), dest=f.name, default=None, type=scalar, help=help_text, **extra
+            )
 
 
 # What may differ when a run is resumed: where the data is and how the work is done, not what is computed.
@@ -52,9 +59,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE_OVERRIDES and k != "out_dir")
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise MiniResNetError(f"{flags} cannot change when resuming (only the recipe in {args.resume} is continued); "
-                              f"options allowed with --resume: "
-                              + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE_OVERRIDES)))  # fmt: skip
+        raise MiniResNetError(
+            f"{flags} cannot change when resuming (only the recipe in {args.resume} is continued); "
+            f"options allowed with --resume: "
+            + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE_OVERRIDES))
+        )
     return dataclasses.replace(saved, **given, out_dir=args.resume)
 
 
@@ -113,8 +122,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         data = load_cifar10(args.data_dir, verify=args.verify_data)
         images, labels, source = data.test_images, data.test_labels, "CIFAR-10 test set"
-    logits = predict_logits(model, images, model.mean, model.std, batch_size=args.batch_size, device=device,
-                            precision=precision, tta=args.tta)  # fmt: skip
+    logits = predict_logits(
+        model,
+        images,
+        model.mean,
+        model.std,
+        batch_size=args.batch_size,
+        device=device,
+        precision=precision,
+        tta=args.tta,
+    )
     result = {**metrics(logits, labels, model.classes), "tta": args.tta, "source": source}
     if args.plots:
         from .plots import plot_evaluation
@@ -159,8 +176,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     probs = {}
     if images:
         batch = torch.stack(list(images.values()))
-        logits = predict_logits(model, batch, model.mean, model.std, batch_size=args.batch_size, device=device,
-                                precision=precision, tta=args.tta)  # fmt: skip
+        logits = predict_logits(
+            model,
+            batch,
+            model.mean,
+            model.std,
+            batch_size=args.batch_size,
+            device=device,
+            precision=precision,
+            tta=args.tta,
+        )
         probs = dict(zip(images, logits.softmax(1), strict=True))
     for f in files:
         if f in errors:
@@ -192,9 +217,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     diff = result["max_abs_logit_diff"]
     check = f"max abs logit difference {diff:.2e}" if diff is not None else "no numerical check"
-    print(f"wrote {result['path']} ({result['bytes']:,} bytes, {args.format}); checked with {result['checked_with']} "
-          f"on {result['checked_on_images']} test images: {check}\ninput: {result['input']}; output: logits over "
-          f"{', '.join(result['classes'])}")  # fmt: skip
+    print(
+        f"wrote {result['path']} ({result['bytes']:,} bytes, {args.format}); checked with {result['checked_with']} "
+        f"on {result['checked_on_images']} test images: {check}\ninput: {result['input']}; output: logits over "
+        f"{', '.join(result['classes'])}"
+    )
     return 0
 
 
@@ -229,17 +256,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(json.dumps(result), flush=True)
             continue
         machine = result["machine"]
-        caps = [f"{name} capped to {machine[key]}" for name, key in (("oneDNN", "onednn_isa_cap"),
-                ("MKL", "mkl_isa_cap")) if machine[key]]  # fmt: skip
-        print(f"{machine['cpu']} ({machine['arch']}; PyTorch kernels {machine['cpu_capability']}"
-              f"{'; ' + ', '.join(caps) if caps else ''}; native bf16: {'yes' if machine['native_bf16'] else 'no'})")
-        print(f"{result['precision']} on {result['device']} ({machine['threads']} threads), "
-              f"batch {result['batch_size']}:\n"
-              f"  train {result['train_images_per_sec']:8.0f} img/s = {result['train_gflops']:.0f} GFLOP/s, "
-              f"{result['efficiency']:.0%} of the {result['matmul_gflops']:.0f} GFLOP/s {result['compute_dtype']} "
-              f"matmul roofline\n"
-              f"  eval  {result['eval_images_per_sec']:8.0f} img/s ({result['test_eval_seconds']:.2f} s for 10,000)\n"
-              f"  one epoch (50,000 train + 10,000 test) ~ {result['epoch_seconds']:.0f} s", flush=True)  # fmt: skip
+        caps = [
+            f"{name} capped to {machine[key]}"
+            for name, key in (("oneDNN", "onednn_isa_cap"), ("MKL", "mkl_isa_cap"))
+            if machine[key]
+        ]
+        print(
+            f"{machine['cpu']} ({machine['arch']}; PyTorch kernels {machine['cpu_capability']}"
+            f"{'; ' + ', '.join(caps) if caps else ''}; native bf16: {'yes' if machine['native_bf16'] else 'no'})"
+        )
+        print(
+            f"{result['precision']} on {result['device']} ({machine['threads']} threads), "
+            f"batch {result['batch_size']}:\n"
+            f"  train {result['train_images_per_sec']:8.0f} img/s = {result['train_gflops']:.0f} GFLOP/s, "
+            f"{result['efficiency']:.0%} of the {result['matmul_gflops']:.0f} GFLOP/s {result['compute_dtype']} "
+            f"matmul roofline\n"
+            f"  eval  {result['eval_images_per_sec']:8.0f} img/s ({result['test_eval_seconds']:.2f} s for 10,000)\n"
+            f"  one epoch (50,000 train + 10,000 test) ~ {result['epoch_seconds']:.0f} s",
+            flush=True,
+        )
     return 0
 
 
@@ -257,16 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model; last stdout line is a JSON summary")
     train.add_argument("--preset", choices=sorted(PRESETS), default=None, help="starting configuration (default: seed)")
-    train.add_argument("--resume", metavar="RUN_DIR", default=None,
-                       help="continue the interrupted run in RUN_DIR from its last.pt, exactly")  # fmt: skip
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the interrupted run in RUN_DIR from its last.pt, exactly",
+    )
     add_config_arguments(train)
     train.set_defaults(run=cmd_train)
 
     def inference_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("checkpoint", help="a .pt file written by `miniresnet train`")
-        sub.add_argument("--tta", choices=TTA_MODES, default="none",
-                         help="test-time augmentation: mean logits over the image and its mirror (flip), "
-                              "and their 2-pixel shifts (flip-translate)")  # fmt: skip
+        sub.add_argument(
+            "--tta",
+            choices=TTA_MODES,
+            default="none",
+            help="test-time augmentation: mean logits over the image and its mirror (flip), "
+            "and their 2-pixel shifts (flip-translate)",
+        )
         sub.add_argument("--batch-size", type=positive_int, default=100)
         sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="auto: bf16 where it is native")
@@ -275,12 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix")
     inference_options(evaluate)
     evaluate.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-bin/")
-    evaluate.add_argument("--image-folder", metavar="DIR",
-                          help="evaluate on DIR/<class name>/<images> instead of the CIFAR-10 test set")  # fmt: skip
+    evaluate.add_argument(
+        "--image-folder", metavar="DIR", help="evaluate on DIR/<class name>/<images> instead of the CIFAR-10 test set"
+    )
     evaluate.add_argument("--plots", metavar="DIR", help="also write DIR/confusion.png and DIR/misclassified.png")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    evaluate.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=True,
-                          help="check the data files against their published MD5s")  # fmt: skip
+    evaluate.add_argument(
+        "--verify-data",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check the data files against their published MD5s",
+    )
     evaluate.set_defaults(run=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="top-k classes of image files (PNG, JPEG, BMP, WebP)")
@@ -296,8 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the file to write")
     export.add_argument("--data-dir", default="data", help="CIFAR-10, whose test images the check runs on")
     export.add_argument("--check-images", type=positive_int, default=256, help="test images to compare logits on")
-    export.add_argument("--verify-data", action=argparse.BooleanOptionalAction, default=True,
-                        help="check the data files against their published MD5s")  # fmt: skip
+    export.add_argument(
+        "--verify-data",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check the data files against their published MD5s",
+    )
     export.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
     export.add_argument("--json", action="store_true", help="print one JSON object")
     export.set_defaults(run=cmd_export)
@@ -313,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(run=cmd_download)
 
     bench = commands.add_parser("bench", help="training and evaluation throughput against the matmul roofline")
-    bench.add_argument("--precision", choices=(*PRECISIONS, "all"), default="all",
-                       help="all = fp32, then bf16 where it is native")  # fmt: skip
+    bench.add_argument(
+        "--precision", choices=(*PRECISIONS, "all"), default="all", help="all = fp32, then bf16 where it is native"
+    )
     bench.add_argument("--batch-size", type=positive_int, default=100)
     bench.add_argument("--steps", type=positive_int, default=30, help="training batches per timed repeat")
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats after one warm-up; medians")

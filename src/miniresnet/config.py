@@ -26,17 +26,24 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD's Nesterov momentum (Adam keeps its own betas)")
     weight_decay: float = _opt(0.0, "L2 penalty added to the gradient (the seed recipe uses none)")
     decay_norm_and_bias: bool = _opt(True, "apply weight decay to BatchNorm scales and shifts and the fc bias too")
-    schedule: str = _opt("step", "step: x --lr-step-factor every --lr-step-epochs epochs; linear: linear warm-up "
-                         "over --warmup of the steps, then linear decay to zero, updated every step",
-                         choices=("step", "linear"))  # fmt: skip
+    schedule: str = _opt(
+        "step",
+        "step: x --lr-step-factor every --lr-step-epochs epochs; linear: linear warm-up "
+        "over --warmup of the steps, then linear decay to zero, updated every step",
+        choices=("step", "linear"),
+    )
     lr_step_epochs: int = _opt(20, "step schedule: multiply the lr by --lr-step-factor every this many epochs")
     lr_step_factor: float = _opt(0.5, "step schedule: the factor applied every --lr-step-epochs")
     warmup: float = _opt(0.0, "linear schedule: fraction of all steps spent raising the lr from 0 to --lr")
     label_smoothing: float = _opt(0.0, "cross-entropy against targets mixed with this much of the uniform")
-    ema: float = _opt(0.0, "decay per step of an exponential moving average of the weights, which is then "
-                      "evaluated and saved in their place (0 = off)")  # fmt: skip
-    zero_init_residual: bool = _opt(False, "start each block's last BatchNorm scale at 0: every block begins "
-                                    "as the identity")  # fmt: skip
+    ema: float = _opt(
+        0.0,
+        "decay per step of an exponential moving average of the weights, which is then "
+        "evaluated and saved in their place (0 = off)",
+    )
+    zero_init_residual: bool = _opt(
+        False, "start each block's last BatchNorm scale at 0: every block begins as the identity"
+    )
     downscale_epochs: int = _opt(
         0,
         "progressive resizing: train the first N epochs on images scaled down to "
@@ -45,11 +52,17 @@ class TrainConfig:
     downscale_size: int = _opt(24, "the image size of the first --downscale-epochs epochs")
     crop_padding: int = _opt(4, "random-crop augmentation: zero padding on each side (0 = no crop)")
     flip: bool = _opt(True, "random horizontal flip augmentation")
-    cutout: int = _opt(0, "cutout augmentation: blank a square this many pixels wide at a random place in each "
-                       "training image, set before any downscaling (0 = off)")  # fmt: skip
-    tta: str = _opt("none", "test-time augmentation of the final evaluation: the mean logits over the image and "
-                    "its mirror (flip), and also both shifted 2 pixels up-left and down-right (flip-translate)",
-                    choices=TTA_MODES)  # fmt: skip
+    cutout: int = _opt(
+        0,
+        "cutout augmentation: blank a square this many pixels wide at a random place in each "
+        "training image, set before any downscaling (0 = off)",
+    )
+    tta: str = _opt(
+        "none",
+        "test-time augmentation of the final evaluation: the mean logits over the image and "
+        "its mirror (flip), and also both shifted 2 pixels up-left and down-right (flip-translate)",
+        choices=TTA_MODES,
+    )
     eval_every: int = _opt(1, "evaluate every N epochs (0 = after the last only; the last is always evaluated)")
     # The model: the seed spec's widths and depth.
     widths: tuple[int, ...] = _opt((16, 32, 64), "channels of each stage", nargs="+")
@@ -74,8 +87,11 @@ class TrainConfig:
         "processes (as one process computes them); off: each process normalises its own share",
     )
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
-    compile: bool = _opt(False, "torch.compile the training step's model (meant for GPUs: on the 2-core CPU "
-                         "measured here it is slower than eager; see the README's speed section)")  # fmt: skip
+    compile: bool = _opt(
+        False,
+        "torch.compile the training step's model (meant for GPUs: on the 2-core CPUs measured it was "
+        "slower than eager; see benchmarks/RESULTS.md)",
+    )
     threads: int = _opt(0, "CPU threads for PyTorch (0 = the cores this process may use)")
     eval_batch_size: int = _opt(100, "images per batch when evaluating (small batches stay in cache: faster on CPU)")
     tensorboard: bool = _opt(False, "also log every epoch's metrics as TensorBoard scalars in --out/tensorboard")
@@ -93,8 +109,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step_epochs", "blocks_per_stage", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("crop_padding", "cutout", "val_split", "threads", "weight_decay", "eval_every", "checkpoint_every",
-                     "downscale_epochs"):  # fmt: skip
+        for name in (
+            "crop_padding",
+            "cutout",
+            "val_split",
+            "threads",
+            "weight_decay",
+            "eval_every",
+            "checkpoint_every",
+            "downscale_epochs",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -123,10 +147,10 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # The seed recipe exactly as written in SEED.md.
+    # The seed recipe, exactly as specified (the defaults above).
     "seed": TrainConfig(),
-    # Time to accuracy on a 2-core CPU: >= 90% test accuracy in under 10 minutes. Each choice was
-    # made on a 5,000-image validation split (benchmarks/ablation.py; the README's ablation table).
+    # Time to accuracy: 90% test accuracy in under 10 minutes on a 2-core AVX-512-BF16 CPU. Each
+    # choice was made on a 5,000-image validation split (benchmarks/ablation.py; benchmarks/RESULTS.md).
     "fast": TrainConfig(
         epochs=24,
         batch_size=256,
@@ -146,11 +170,9 @@ PRESETS: dict[str, TrainConfig] = {
         eval_every=4,
     ),
 }
-# The highest accuracy in a bounded budget (<= 90 minutes here): the fast recipe, ~8x longer.
-# 200 epochs (half at 24x24, as in fast) take 65-70 minutes here: the length that fills the budget
-# with margin for this machine's timing noise (the README has what 120 and 200 epochs measured).
-# A long run overfits the training set, so it adds cutout, chosen on the validation split (the
-# README's round-3 ablation has the figures).
+# The highest accuracy in a bounded budget (90 minutes on a 2-core AVX-512-BF16 CPU): the fast
+# recipe run ~8x longer (200 epochs, half at 24x24), plus cutout, since a long run overfits the
+# training set. Cutout was chosen on the validation split; benchmarks/RESULTS.md has the figures.
 PRESETS["best"] = dataclasses.replace(
     PRESETS["fast"], epochs=200, warmup=0.05, downscale_epochs=100, eval_every=10, cutout=12
 )

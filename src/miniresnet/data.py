@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import tarfile
 import urllib.request
@@ -21,11 +20,20 @@ import torch
 from tqdm import tqdm
 
 from .errors import MiniResNetError
+from .files import atomic_path
 
 CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 ARCHIVE_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -243,20 +251,24 @@ def download_cifar10(
 
 
 def _fetch(url: str, dest: Path, progress: bool) -> None:
-    partial = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        with (
+            atomic_path(dest) as partial,
+            urllib.request.urlopen(url, timeout=60) as response,
+            open(partial, "wb") as out,
+        ):
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
-                      disable=not progress) as bar:  # fmt: skip
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", disable=not progress
+            ) as bar:
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
     except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise MiniResNetError(f"could not download {url}: {e}. Check the network, or copy the "
-                              f"extracted {BIN_DIR}/ into {dest.parent} by hand.") from None  # fmt: skip
-    os.replace(partial, dest)
+        raise MiniResNetError(
+            f"could not download {url}: {e}. Check the network, or copy the "
+            f"extracted {BIN_DIR}/ into {dest.parent} by hand."
+        ) from None
 
 
 def safe_extract(archive: Path, dest: Path) -> None:

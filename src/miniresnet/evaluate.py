@@ -57,8 +57,9 @@ def metrics(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]
     }
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
-             std: torch.Tensor, **options) -> dict:  # fmt: skip
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, **options
+) -> dict:
     """`metrics` of the model's predictions on a labelled set; options as for `predict_logits`."""
     return metrics(predict_logits(model, images, mean, std, **options), labels)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from .checkpoint import load_model
 from .errors import MiniResNetError
+from .files import atomic_path
 from .model import MiniResNet
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -57,8 +57,17 @@ def _write_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(wrapped, (example,), str(path), input_names=["images"], output_names=["logits"],
-                              dynamic_shapes=({0: batch},), dynamo=True, verbose=False)  # fmt: skip
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                str(path),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+            )  # one self-contained file: the weights are ~1 MB
     finally:
         onnx_log.setLevel(level)
 
@@ -90,8 +99,12 @@ def _write_torchscript(wrapped: nn.Module, example: torch.Tensor, path: Path):
 
 def _write_safetensors(wrapped: NormalizedModel, arch: dict, classes: tuple[str, ...], path: Path):
     safetensors = _require("safetensors.torch")
-    metadata = {"format": "miniresnet", "arch": json.dumps(arch), "classes": json.dumps(list(classes)),
-                "input": "float32 RGB (N, 3, 32, 32) in [0, 1]; normalisation is the mean/std tensors"}  # fmt: skip
+    metadata = {
+        "format": "miniresnet",
+        "arch": json.dumps(arch),
+        "classes": json.dumps(list(classes)),
+        "input": "float32 RGB (N, 3, 32, 32) in [0, 1]; normalisation is the mean/std tensors",
+    }
     safetensors.save_file({k: v.contiguous() for k, v in wrapped.state_dict().items()}, str(path), metadata)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -122,9 +135,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, images: torch.Tens
     x = images.float() / 255
     expected = wrapped(x)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_path(out) as tmp:  # renamed into place only if the check below passes
         if fmt == "onnx":
             run = _write_onnx(wrapped, x[:2], tmp)
         elif fmt == "torchscript":
@@ -137,16 +148,26 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, images: torch.Tens
             _require("onnx").checker.check_model(str(tmp))
             max_diff, agreement = None, None
         else:
-            checked_with = {"onnx": "onnxruntime", "torchscript": "torch.jit.load",
-                            "safetensors": "a MiniResNet rebuilt from the file"}[fmt]  # fmt: skip
+            checked_with = {
+                "onnx": "onnxruntime",
+                "torchscript": "torch.jit.load",
+                "safetensors": "a MiniResNet rebuilt from the file",
+            }[fmt]
             max_diff = (got - expected).abs().max().item()
             agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
             if not max_diff <= TOLERANCE:
-                raise MiniResNetError(f"the exported {fmt} model disagrees with PyTorch: max abs logit difference "
-                                      f"{max_diff:.3g} > {TOLERANCE}; nothing was written")  # fmt: skip
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"format": fmt, "path": str(out), "bytes": out.stat().st_size, "checked_on_images": len(images),
-            "checked_with": checked_with, "max_abs_logit_diff": max_diff, "top1_agreement": agreement,
-            "input": "float32 RGB (N, 3, 32, 32) in [0, 1]", "classes": list(model.classes)}  # fmt: skip
+                raise MiniResNetError(
+                    f"the exported {fmt} model disagrees with PyTorch: max abs logit difference "
+                    f"{max_diff:.3g} > {TOLERANCE}; nothing was written"
+                )
+    return {
+        "format": fmt,
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "checked_on_images": len(images),
+        "checked_with": checked_with,
+        "max_abs_logit_diff": max_diff,
+        "top1_agreement": agreement,
+        "input": "float32 RGB (N, 3, 32, 32) in [0, 1]",
+        "classes": list(model.classes),
+    }

@@ -94,6 +94,7 @@ def load_image_folder(root: str | Path, classes: tuple[str, ...]) -> tuple[torch
             bad.append(str(e))
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise MiniResNetError(f"{len(bad)} unreadable file(s) in {root}; remove them and retry: "
-                              + "; ".join(bad[:5]) + more)  # fmt: skip
+        raise MiniResNetError(
+            f"{len(bad)} unreadable file(s) in {root}; remove them and retry: " + "; ".join(bad[:5]) + more
+        )
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), files

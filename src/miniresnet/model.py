@@ -28,7 +28,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In place where autograd allows it (BatchNorm's backward does not need its output), so
-        # the step writes two fewer activation-sized tensors per block: a few % of a CPU step.
+        # the step writes two fewer activation-sized tensors per block.
         out = torch.relu_(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return torch.relu_(out.add_(x))

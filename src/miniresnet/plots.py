@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import MiniResNetError
+from .files import atomic_path
 
 NO_MATPLOTLIB = "plots need matplotlib: pip install 'miniresnet[plots]'"
 
@@ -66,8 +67,15 @@ def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: s
     for i in range(len(classes)):
         for j in range(len(classes)):
             if shares[i, j] >= 0.005:
-                ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if shares[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{shares[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if shares[i, j] > 0.5 else "black",
+                )
     ax.set_title(title or "confusion matrix (rows normalised)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
@@ -118,8 +126,8 @@ def plot_evaluation(
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     _pyplot().close(fig)
     return path

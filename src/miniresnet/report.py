@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from .errors import MiniResNetError
+from .files import write_text_atomically
 from .plots import NO_MATPLOTLIB, have_matplotlib, plot_confusion, plot_curves
 
 
@@ -48,8 +49,11 @@ def write_report(run_dir: str | Path) -> Path:
     if summary:
         shown = {k: v for k, v in summary.items() if k not in ("run_dir", "checkpoint", "best_checkpoint")}
         parts += ["<h2>Final figures</h2>", _table(["", ""], [[k, _fmt(v)] for k, v in shown.items()])]
-    for name, title in (("curves.png", "Learning curves"), ("confusion.png", "Confusion matrix (test set)"),
-                        ("misclassified.png", "Most confident mistakes (test set)")):  # fmt: skip
+    for name, title in (
+        ("curves.png", "Learning curves"),
+        ("confusion.png", "Confusion matrix (test set)"),
+        ("misclassified.png", "Most confident mistakes (test set)"),
+    ):
         if (run_dir / name).exists():
             parts += [f"<h2>{title}</h2>", f'<img src="{name}" alt="{title}">']
     if test_eval:
@@ -76,7 +80,7 @@ img {{ max-width: 100%; }} .note {{ background: #fff6d5; padding: 0.5em; }}
 </body></html>
 """
     out = run_dir / "report.html"
-    out.write_text(page)
+    write_text_atomically(out, page)
     return out
 
 

@@ -52,10 +52,9 @@ def keep_freed_memory() -> bool:
 
     Every step frees and allocates again the same few-MB activation and gradient buffers. By
     default glibc serves some of them with mmap and trims the heap's top, so the next step touches
-    fresh pages: ~4,000 page faults (each a kernel zeroing a page) per fp32 step of batch 100 here.
-    Heap allocations up to 32 MiB and no trimming bring that under 100 and make fp32 steps ~8%
-    faster (bf16 ones not measurably; the README's speed section has the figures). The cost: the
-    process keeps its peak heap until it exits."""
+    fresh pages, each one zeroed by the kernel. Heap allocations up to 32 MiB and no trimming end
+    those faults (benchmarks/RESULTS.md has the counts and the speed-up). The cost: the process
+    keeps its peak heap until it exits."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):
@@ -119,8 +118,9 @@ def resolve_precision(asked: str, device: torch.device) -> Precision:
         if asked == "bf16" and not bf16:
             _note("this GPU has no bf16; using fp32")
             return FP32
-        return {"fp32": FP32, "bf16": Precision("bf16", torch.bfloat16),
-                "fp16": Precision("fp16", torch.float16)}[asked]  # fmt: skip
+        return {"fp32": FP32, "bf16": Precision("bf16", torch.bfloat16), "fp16": Precision("fp16", torch.float16)}[
+            asked
+        ]
     native_bf16 = cpu_has_native_bf16()
     if asked == "auto":
         return Precision("bf16", torch.bfloat16) if native_bf16 else FP32
