@@ -13,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_dataset, synthetic_images
+from conftest import make_dataset, synthetic_images, tiny_config
 from miniresnet import MiniResNet, load_model
 from miniresnet.augment import normalize
 from miniresnet.cli import main
-from miniresnet.config import TrainConfig
 from miniresnet.data import CLASSES
 from miniresnet.images import load_image
 from miniresnet.train import train
@@ -28,19 +27,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(data dir, run dir) of a short run on tiny synthetic data."""
     root = tmp_path_factory.mktemp("usage")
     data = make_dataset(root / "data")
-    cfg = TrainConfig(
-        data_dir=str(data),
-        out_dir=str(root / "run"),
-        epochs=2,
-        batch_size=25,
-        lr=3e-3,
-        quiet=True,
-        verify_data=False,
-        download=False,
-        eval_batch_size=64,
-        tta="flip",
-    )
-    train(cfg)
+    train(tiny_config(data, root / "run", epochs=2, tta="flip"))
     return data, root / "run"
 
 

@@ -106,10 +106,26 @@ def load_for_inference(args: argparse.Namespace):
     return model.to(dtype=precision.weights), device, precision
 
 
+def model_logits(model, images, args: argparse.Namespace, device, precision):
+    """The checkpoint's logits for uint8 images, with the inference options of `args`."""
+    from .evaluate import predict_logits
+
+    return predict_logits(
+        model,
+        images,
+        model.mean,
+        model.std,
+        batch_size=args.batch_size,
+        device=device,
+        precision=precision,
+        tta=args.tta,
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import metrics, predict_logits
+    from .evaluate import metrics
 
     model, device, precision = load_for_inference(args)
     if args.image_folder:
@@ -122,16 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         data = load_cifar10(args.data_dir, verify=args.verify_data)
         images, labels, source = data.test_images, data.test_labels, "CIFAR-10 test set"
-    logits = predict_logits(
-        model,
-        images,
-        model.mean,
-        model.std,
-        batch_size=args.batch_size,
-        device=device,
-        precision=precision,
-        tta=args.tta,
-    )
+    logits = model_logits(model, images, args, device, precision)
     result = {**metrics(logits, labels, model.classes), "tta": args.tta, "source": source}
     if args.plots:
         from .plots import plot_evaluation
@@ -158,7 +165,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predicted, and the exit status is 1 if any file failed."""
     import torch
 
-    from .evaluate import predict_logits
     from .images import find_images, load_image
 
     model, device, precision = load_for_inference(args)
@@ -175,17 +181,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             errors[f] = str(e)
     probs = {}
     if images:
-        batch = torch.stack(list(images.values()))
-        logits = predict_logits(
-            model,
-            batch,
-            model.mean,
-            model.std,
-            batch_size=args.batch_size,
-            device=device,
-            precision=precision,
-            tta=args.tta,
-        )
+        logits = model_logits(model, torch.stack(list(images.values())), args, device, precision)
         probs = dict(zip(images, logits.softmax(1), strict=True))
     for f in files:
         if f in errors:

@@ -1,12 +1,11 @@
 """The run directory and the process around a training run: opening the directory (fresh or to
-resume), the files written beside the checkpoints, the signals that stop a run cleanly, TensorBoard,
-the plots, and the log lines people read."""
+resume), the files written beside the checkpoints, the signals that stop a run cleanly, TensorBoard
+and the plots."""
 
 from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from .checkpoint import load_checkpoint
 from .errors import MiniResNetError
 from .files import write_text_atomically
 from .plots import NO_MATPLOTLIB, have_matplotlib, plot_curves, plot_evaluation
+from .runtime import log
 
 # Everything a run writes, removed when --overwrite starts a fresh run in the same directory.
 RUN_FILES = (
@@ -29,11 +29,6 @@ RUN_FILES = (
     "confusion.png",
     "misclassified.png",
 )
-
-
-def log(message: str) -> None:
-    """Progress for people goes to stderr, so stdout stays clean for the JSON summary."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def open_run_dir(out: Path, epochs: int, resume: bool, overwrite: bool, is_main: bool = True) -> dict | None:
@@ -60,8 +55,8 @@ def open_run_dir(out: Path, epochs: int, resume: bool, overwrite: bool, is_main:
     return None
 
 
-def write_json(path: Path, value) -> None:
-    write_text_atomically(path, json.dumps(value, indent=2) + "\n")
+def write_json(path: Path, value, indent: int | None = 2) -> None:
+    write_text_atomically(path, json.dumps(value, indent=indent) + "\n")
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:

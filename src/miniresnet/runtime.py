@@ -134,7 +134,12 @@ def resolve_precision(asked: str, device: torch.device) -> Precision:
 
 
 def _note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
+    log(f"note: {message}")
+
+
+def log(message: str) -> None:
+    """The project's one way to tell people something: stderr, so stdout stays clean for results."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def cpu_model() -> str:

@@ -43,7 +43,6 @@ from .model import MiniResNet, count_macs, count_parameters
 from .rundir import (
     StopSignals,
     TrainingInterrupted,
-    log,
     open_run_dir,
     tensorboard_writer,
     write_json,
@@ -55,6 +54,7 @@ from .runtime import (
     autocast,
     available_cores,
     describe_machine,
+    log,
     resolve_device,
     resolve_precision,
     set_threads,
@@ -290,7 +290,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         cfg, progress, precision, device, params, out, seconds=progress.earlier_seconds + time.perf_counter() - started
     )
     if ddp.is_main:
-        write_json(out / "test_eval.json", test_result)
+        write_json(out / "test_eval.json", test_result, indent=None)
         test_images, test_labels = data.eval_sets["test"]
         write_plots(out, progress.history, test_images, test_labels, test_logits, test_result, CLASSES)
         write_json(out / "summary.json", summary)
