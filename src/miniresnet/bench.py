@@ -133,10 +133,11 @@ def run_bench(
 ) -> dict:
     """One precision's figures; the train FLOPs per image count the backward pass as twice the forward."""
     dev = resolve_device(device)
-    cfg = dataclasses.replace(PRESETS[preset], precision=precision, batch_size=batch_size, quiet=True, compile=compile)
-    resolved = resolve_precision(precision, dev)
+    resolved = resolve_precision(precision, dev)  # a fallback is said once, here; the timed loops get what ran
     dtype = resolved.autocast or resolved.weights  # the roofline is a matmul in the dtype the convolutions run in
-    cfg = dataclasses.replace(cfg, precision=resolved.name)  # a fallback is said once, here
+    cfg = dataclasses.replace(
+        PRESETS[preset], precision=resolved.name, batch_size=batch_size, quiet=True, compile=compile
+    )
     macs = count_macs(MiniResNet(cfg.widths, cfg.blocks_per_stage))
     roofline = matmul_gflops(dev, dtype)
     train_rate = statistics.median(time_training(cfg, steps, repeats, dev))
