@@ -3,8 +3,12 @@ set when MINIRESNET_CIFAR10 points at it."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import pickle
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +71,33 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 for the files in `directory`; yields its base URL."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cache_in_a_temporary_directory(tmp_path_factory) -> None:
+    """Prepared image folders are cached under XDG_CACHE_HOME: the tests' own, never the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
@@ -80,4 +111,12 @@ def real_data() -> Path:
     return Path(path)
 
 
-__all__ = ["PY_DIR", "make_dataset", "tiny_config", "synthetic_images", "write_binary_batch", "write_python_batch"]
+__all__ = [
+    "PY_DIR",
+    "make_dataset",
+    "serve_directory",
+    "tiny_config",
+    "synthetic_images",
+    "write_binary_batch",
+    "write_python_batch",
+]

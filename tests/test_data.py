@@ -1,23 +1,22 @@
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_dataset, synthetic_images, write_binary_batch
+from conftest import make_dataset, serve_directory, synthetic_images, write_binary_batch
 from miniresnet.data import (
     BIN_DIR,
     PY_DIR,
+    RELEASES,
     TEST_FILES,
     TRAIN_FILES,
-    download_cifar10,
+    download_release,
     load_cifar10,
     md5sum,
     read_binary_batch,
@@ -113,7 +112,7 @@ def test_restricted_unpickler_refuses_code(tmp_path, monkeypatch):
 def test_python_batch_with_wrong_shape_is_an_error(tmp_path):
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
-    with pytest.raises(MiniResNetError, match="not a valid CIFAR-10 Python batch"):
+    with pytest.raises(MiniResNetError, match="not a valid CIFAR Python-format file"):
         read_python_batch(path)
 
 
@@ -175,44 +174,45 @@ def archive_server(tmp_path):
         tar.add(source / BIN_DIR, arcname=BIN_DIR)
     sums = {p.name: md5sum(p) for p in (source / BIN_DIR).iterdir()}
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(archive.parent), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/{archive.name}"
-    yield url, md5sum(archive), sums
-    server.shutdown()
+    with serve_directory(archive.parent) as base_url:
+        yield f"{base_url}/{archive.name}", md5sum(archive), sums
 
 
 def test_download_verifies_and_extracts(tmp_path, archive_server):
     url, archive_md5, sums = archive_server
     dest = tmp_path / "data"
-    path = download_cifar10(dest, url=url, archive_md5=archive_md5, file_md5=sums, progress=False)
+    path = download_release(RELEASES["cifar10"], dest, url=url, archive_md5=archive_md5, file_md5=sums, progress=False)
     assert path == dest / BIN_DIR
     assert load_cifar10(dest, verify=False).train_images.shape == (20, 3, 32, 32)
     assert not (dest / "cifar-10-binary.tar.gz").exists()  # archive removed after a good extract
     # A second call finds the verified copy and does not fetch again (the URL is now dead).
-    assert download_cifar10(dest, url=url + ".gone", archive_md5=archive_md5, file_md5=sums, progress=False) == path
+    assert (
+        download_release(
+            RELEASES["cifar10"], dest, url=url + ".gone", archive_md5=archive_md5, file_md5=sums, progress=False
+        )
+        == path
+    )
 
 
 def test_download_with_wrong_archive_checksum_fails_and_cleans_up(tmp_path, archive_server):
     url, _, sums = archive_server
     dest = tmp_path / "data"
     with pytest.raises(MiniResNetError, match="MD5 is .* expected 0{32}"):
-        download_cifar10(dest, url=url, archive_md5="0" * 32, file_md5=sums, progress=False)
+        download_release(RELEASES["cifar10"], dest, url=url, archive_md5="0" * 32, file_md5=sums, progress=False)
     assert not (dest / "cifar-10-binary.tar.gz").exists()
 
 
 def test_download_from_unreachable_url_is_a_clear_error(tmp_path, archive_server):
     url, archive_md5, sums = archive_server
     with pytest.raises(MiniResNetError, match="could not download"):
-        download_cifar10(tmp_path / "d", url=url + ".missing", archive_md5=archive_md5, file_md5=sums, progress=False)
+        download_release(
+            RELEASES["cifar10"],
+            tmp_path / "d",
+            url=url + ".missing",
+            archive_md5=archive_md5,
+            file_md5=sums,
+            progress=False,
+        )
     assert not list((tmp_path / "d").glob(".*.tmp"))
 
 

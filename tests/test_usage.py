@@ -169,7 +169,7 @@ def test_image_folder_errors_name_the_problem(trained, tmp_path, capsys):
     (tmp_path / "f" / "airplane").mkdir(parents=True)
     (tmp_path / "f" / "aeroplane").mkdir()
     code, _, err = run_cli(capsys, "evaluate", str(run / "last.pt"), "--image-folder", str(tmp_path / "f"))
-    assert code == 1 and "['aeroplane'] are not class names" in err
+    assert code == 1 and "['aeroplane'] are not among the classes" in err
     (tmp_path / "f" / "aeroplane").rmdir()
     code, _, err = run_cli(capsys, "evaluate", str(run / "last.pt"), "--image-folder", str(tmp_path / "f"))
     assert code == 1 and "holds no images" in err
@@ -197,25 +197,37 @@ def test_export_is_checked_against_pytorch(trained, tmp_path, capsys, fmt):
     assert result["max_abs_logit_diff"] < 1e-3 and result["top1_agreement"] == 1.0
     assert not list(tmp_path.glob(".*.tmp*"))  # the temporary file was renamed into place, nothing beside it
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("model")] == [out.name]  # one file
-    if fmt == "onnx":  # it stands alone: moved elsewhere, it still runs
+    # It stands alone: moved by itself to another directory, it runs there and gives PyTorch's logits.
+    moved = tmp_path / "elsewhere" / out.name
+    moved.parent.mkdir()
+    out.rename(moved)
+    images, _ = synthetic_images(5, seed=3)
+    pixels = torch.from_numpy(images).float() / 255
+    model = load_model(run / "last.pt")
+    expected = model(normalize(torch.from_numpy(images), model.mean, model.std))
+    if fmt == "onnx":
         onnxruntime = pytest.importorskip("onnxruntime")
-        moved = tmp_path / "elsewhere" / "m.onnx"
-        moved.parent.mkdir()
-        out.rename(moved)
         session = onnxruntime.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
-        assert session.run(["logits"], {"images": np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, 10)
+        got = torch.from_numpy(session.run(["logits"], {"images": pixels.numpy()})[0])
+    elif fmt == "torchscript":
+        got = torch.jit.load(str(moved))(pixels)
+    else:  # what we write, we read: load_model and the CLI take the safetensors file as a checkpoint
+        loaded = load_model(moved)
+        assert loaded.classes == model.classes and torch.equal(loaded.mean, model.mean)
+        got = loaded(normalize(torch.from_numpy(images), loaded.mean, loaded.std))
+        evaluations = [
+            json.loads(run_cli(capsys, "evaluate", str(m), "--data-dir", str(data), "--no-verify-data", "--json")[1])
+            for m in (run / "last.pt", moved)
+        ]
+        assert evaluations[0] == evaluations[1]
+    assert got.shape == (5, 10) and (got - expected).abs().max().item() <= 1e-3
     # The exported model takes [0, 1] images, normalisation inside: check one format by hand too,
     # against float64 logits, as close as the float32 model itself comes to them (its error depends
     # on the CPU's kernels; a wrong normalisation would be off by far more).
     if fmt == "torchscript":
-        exported = torch.jit.load(str(out))
-        images, _ = synthetic_images(5, seed=3)
-        model = load_model(run / "last.pt")
-        pixels = torch.from_numpy(images).double() / 255
-        reference = model.double()((pixels - model.mean.view(1, 3, 1, 1)) / model.std.view(1, 3, 1, 1))
-        eager = load_model(run / "last.pt")(normalize(torch.from_numpy(images), model.mean, model.std))
-        eager_error = (eager.double() - reference).abs().max().item()
-        assert (exported(pixels.float()).double() - reference).abs().max().item() <= 10 * eager_error + 1e-5
+        reference = model.double()((pixels.double() - model.mean.view(1, 3, 1, 1)) / model.std.view(1, 3, 1, 1))
+        eager_error = (expected.double() - reference).abs().max().item()
+        assert (got.double() - reference).abs().max().item() <= 10 * eager_error + 1e-5
 
 
 def test_model_api_in_one_line(trained):

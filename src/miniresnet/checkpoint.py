@@ -4,6 +4,7 @@ hold tensors and plain data but never code."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from .ema import EMA
 from .errors import MiniResNetError
 from .files import atomic_path
 from .model import MiniResNet
+from .pretrained import shipped_weights
+from .safetensors_file import load_safetensors, looks_like_safetensors
 
 FORMAT = "miniresnet-checkpoint"
 RENAMED_KEYS = {"model": "weights", "trained_model": "trained_weights"}
@@ -43,20 +46,23 @@ def training_checkpoint(
     best_val: float,
     seconds: float,
     classes: tuple[str, ...],
+    image_size: int,
     mean: torch.Tensor,
     std: torch.Tensor,
     config: dict,
     device: torch.device,
 ) -> dict:
     """What a checkpoint holds. To use the model: `arch`, `weights` (the EMA average when EMA is
-    on), `classes`, `mean` and `std`. To continue the run exactly: the `config`, `epoch` (finished
-    epochs), the optimizer's `trained_weights` (only when EMA is on: otherwise they are `weights`),
-    the optimizer and EMA states, the current epoch's `tally` (its step and running sums), the
-    metrics `history`, `best_val`, the `seconds` spent so far and the random number generators."""
+    on), `classes`, `image_size` (the side images are prepared at), `mean` and `std`. To continue
+    the run exactly: the `config`, `epoch` (finished epochs), the optimizer's `trained_weights`
+    (only when EMA is on: otherwise they are `weights`), the optimizer and EMA states, the current
+    epoch's `tally` (its step and running sums), the metrics `history`, `best_val`, the `seconds`
+    spent so far and the random number generators."""
     return {
         "arch": model.arch(),
         "weights": (ema.model if ema else model).state_dict(),
         "classes": list(classes),
+        "image_size": image_size,
         "mean": mean.tolist(),
         "std": std.tolist(),
         "config": config,
@@ -128,12 +134,46 @@ def model_from_checkpoint(state: dict) -> MiniResNet:
     return model
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> MiniResNet:
-    """A trained model, in eval mode, from a checkpoint, in one line. It carries `classes` and
-    the input normalisation (`mean`, `std` on the [0, 1] scale) as attributes."""
-    state = load_checkpoint(path)
+def read_exported_model(path: str | Path) -> dict:
+    """What `load_model` needs (arch, weights, classes, mean, std) from a `miniresnet export
+    --format safetensors` file: a normalised model's tensors plus the architecture and classes."""
+    tensors, metadata = load_safetensors(path)
+    if metadata.get("format") != "miniresnet":
+        raise MiniResNetError(f"{path} is a safetensors file but not a miniresnet model (no miniresnet metadata)")
+    try:
+        return {
+            "arch": json.loads(metadata["arch"]),
+            "weights": {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+            "classes": json.loads(metadata["classes"]),
+            "image_size": int(metadata.get("image_size", 32)),
+            "mean": tensors["mean"].flatten().tolist(),
+            "std": tensors["std"].flatten().tolist(),
+        }
+    except (KeyError, ValueError) as e:
+        raise MiniResNetError(f"{path} is a miniresnet safetensors file without its {e}") from None
+
+
+def read_model(source: str | Path) -> dict:
+    """A model's arch, weights, classes, mean and std from a checkpoint, a safetensors export or a
+    shipped model's name (a file of that name wins)."""
+    path = Path(source)
+    if path.is_file():
+        return read_exported_model(path) if looks_like_safetensors(path) else load_checkpoint(path)
+    if path.is_dir():
+        raise MiniResNetError(f"{path} is a directory; name a checkpoint in it (such as {path / 'last.pt'})")
+    if path.suffix or len(path.parts) > 1:  # a path, not a name: say what is missing
+        raise MiniResNetError(f"checkpoint {path} does not exist")
+    return read_exported_model(shipped_weights(str(source)))
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> MiniResNet:
+    """A trained model, in eval mode, in one line, from a checkpoint written by `miniresnet train`,
+    a safetensors file written by `miniresnet export`, or a shipped model's name ("best", "seed").
+    It carries `classes`, `image_size` and the input normalisation (`mean`, `std`, [0, 1] scale)."""
+    state = read_model(source)
     model = model_from_checkpoint(state).to(device).eval()
     model.classes = tuple(state["classes"])
+    model.image_size = int(state.get("image_size", 32))  # checkpoints before image folders: CIFAR's 32
     model.mean = torch.tensor(state["mean"])
     model.std = torch.tensor(state["std"])
     return model

@@ -14,10 +14,12 @@ import typing
 
 from . import __version__
 from .config import PRESETS, TTA_MODES, TrainConfig
+from .data import DATASETS, LABEL_KINDS
 from .errors import MiniResNetError
 from .runtime import PRECISIONS
 
 FLAG_ALIASES = {"out_dir": ["--out"]}
+MODEL_HELP = "a checkpoint (.pt) from `miniresnet train`, a safetensors export, or a shipped model: best, seed"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +47,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # What may differ when a run is resumed: where the data is and how the work is done, not what is computed.
-RESUMABLE_OVERRIDES = {"data_dir", "download", "verify_data", "device", "threads", "quiet", "checkpoint_every"}
+RESUMABLE_OVERRIDES = {
+    "data_dir",
+    "train_folder",
+    "test_folder",
+    "cache_dir",
+    "download",
+    "verify_data",
+    "device",
+    "threads",
+    "quiet",
+    "checkpoint_every",
+}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -129,15 +142,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, device, precision = load_for_inference(args)
     if args.image_folder:
-        from .images import load_image_folder
+        from .folders import default_cache_dir, prepared_folder
 
-        images, labels, _ = load_image_folder(args.image_folder, model.classes)
+        cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        images, labels, _ = prepared_folder(
+            Path(args.image_folder), model.classes, model.image_size, cache_dir, strict=True, progress=True
+        )
         source = str(args.image_folder)
     else:
-        from .data import load_cifar10
+        from .data import load_dataset
 
-        data = load_cifar10(args.data_dir, verify=args.verify_data)
-        images, labels, source = data.test_images, data.test_labels, "CIFAR-10 test set"
+        data = load_dataset(args.dataset, args.data_dir, args.labels, verify=args.verify_data)
+        if data.classes != model.classes:
+            raise MiniResNetError(
+                f"the model's {len(model.classes)} classes are not {data.name}'s {len(data.classes)}: "
+                f"evaluate it on the data it was trained for (--dataset, --labels) or on an --image-folder"
+            )
+        images, labels, source = data.test_images, data.test_labels, f"{data.name} test set"
     logits = model_logits(model, images, args, device, precision)
     result = {**metrics(logits, labels, model.classes), "tta": args.tta, "source": source}
     if args.plots:
@@ -165,6 +186,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predicted, and the exit status is 1 if any file failed."""
     import torch
 
+    from .evaluate import classify
     from .images import find_images, load_image
 
     model, device, precision = load_for_inference(args)
@@ -176,38 +198,51 @@ def cmd_predict(args: argparse.Namespace) -> int:
     images, errors = {}, {}
     for f in files:
         try:
-            images[f] = load_image(f)
+            images[f] = load_image(f, model.image_size)
         except MiniResNetError as e:
             errors[f] = str(e)
-    probs = {}
+    ranked = {}
     if images:
-        logits = model_logits(model, torch.stack(list(images.values())), args, device, precision)
-        probs = dict(zip(images, logits.softmax(1), strict=True))
+        batch = torch.stack(list(images.values()))
+        options = dict(batch_size=args.batch_size, device=device, precision=precision, tta=args.tta)
+        ranked = dict(zip(images, classify(model, batch, args.top_k, **options), strict=True))
     for f in files:
         if f in errors:
             if args.json:
                 print(json.dumps({"file": str(f), "error": errors[f]}))
             print(f"miniresnet: error: {errors[f]}", file=sys.stderr)
-            continue
-        top = probs[f].topk(args.top_k)
-        ranked = [(model.classes[i], round(p, 6)) for p, i in zip(*map(torch.Tensor.tolist, top), strict=True)]
-        if args.json:
-            print(json.dumps({"file": str(f), "top_k": [{"class": c, "probability": p} for c, p in ranked]}))
+        elif args.json:
+            print(json.dumps({"file": str(f), "top_k": [{"class": c, "probability": p} for c, p in ranked[f]]}))
         else:
-            print(f"{f}: " + ", ".join(f"{c} {p:.1%}" for c, p in ranked))
+            print(f"{f}: " + ", ".join(f"{c} {p:.1%}" for c, p in ranked[f]))
     if errors:
         print(f"miniresnet: {len(errors)} of {len(files)} files could not be read", file=sys.stderr)
     return 1 if errors else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .data import load_cifar10
+    from .checkpoint import load_model
     from .export import export
     from .runtime import set_threads
 
     set_threads(args.threads)
-    data = load_cifar10(args.data_dir, verify=args.verify_data)
-    result = export(args.checkpoint, args.format, args.out, data.test_images[: args.check_images])
+    size = load_model(args.checkpoint).image_size
+    if args.image_folder:  # the check's images; their labels do not matter
+        import torch
+
+        from .images import find_images, load_image
+
+        files = find_images([args.image_folder])[: args.check_images]
+        if not files:
+            raise MiniResNetError(f"no image files found in {args.image_folder}")
+        images = torch.stack([load_image(f, size) for f in files])
+    elif size != 32:
+        raise MiniResNetError(f"this model takes {size}x{size} images: give --image-folder to check the export on")
+    else:
+        from .data import load_cifar10
+
+        images = load_cifar10(args.data_dir, verify=args.verify_data).test_images[: args.check_images]
+    result = export(args.checkpoint, args.format, args.out, images)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -228,11 +263,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_download(args: argparse.Namespace) -> int:
-    from .data import download_cifar10
+def cmd_models(args: argparse.Namespace) -> int:
+    from .pretrained import shipped_cards
 
-    path = download_cifar10(args.data_dir, url=args.url, progress=not args.quiet)
-    print(f"CIFAR-10 is ready in {path}")
+    cards = shipped_cards()
+    if args.json:
+        for card in cards.values():
+            print(json.dumps(card))
+        return 0
+    print(f"{'name':<6}{'test acc':>10}{'with TTA':>10}  {'TTA':<15}{'params':>9}  trained with")
+    for name, card in cards.items():
+        acc = card["test_accuracy"]
+        print(
+            f"{name:<6}{acc['plain']:>10.2%}{acc['tta']:>10.2%}  {acc['tta_mode']:<15}{card['parameters']:>9,}  "
+            f"{card['command']}"
+        )
+    print("\nUse a name wherever a model file goes: miniresnet predict best cat.jpg; load_model('best').")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data import RELEASES, download_release
+
+    release = RELEASES[args.dataset]
+    path = download_release(release, args.data_dir, url=args.url, progress=not args.quiet)
+    print(f"{release.name} is ready in {path}")
     return 0
 
 
@@ -298,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
 
     def inference_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("checkpoint", help="a .pt file written by `miniresnet train`")
+        sub.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
         sub.add_argument(
             "--tta",
             choices=TTA_MODES,
@@ -313,10 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix")
     inference_options(evaluate)
-    evaluate.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-bin/")
+    evaluate.add_argument("--dataset", choices=DATASETS, default="cifar10", help="whose test set to evaluate on")
+    evaluate.add_argument("--labels", choices=LABEL_KINDS, default="fine", help="CIFAR-100: fine or coarse classes")
+    evaluate.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-bin/ (or the like)")
     evaluate.add_argument(
-        "--image-folder", metavar="DIR", help="evaluate on DIR/<class name>/<images> instead of the CIFAR-10 test set"
+        "--image-folder",
+        metavar="DIR",
+        help="evaluate on DIR/<class name>/<images> (any of the model's classes) instead of a test set",
     )
+    evaluate.add_argument("--cache-dir", help="where prepared folder images are cached (default ~/.cache/miniresnet)")
     evaluate.add_argument("--plots", metavar="DIR", help="also write DIR/confusion.png and DIR/misclassified.png")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     evaluate.add_argument(
@@ -335,10 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=cmd_predict)
 
     export = commands.add_parser("export", help="write the model as ONNX, TorchScript or safetensors, checked")
-    export.add_argument("checkpoint", help="a .pt file written by `miniresnet train`")
+    export.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
     export.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), required=True)
     export.add_argument("--out", required=True, help="the file to write")
     export.add_argument("--data-dir", default="data", help="CIFAR-10, whose test images the check runs on")
+    export.add_argument("--image-folder", metavar="DIR", help="check on the images in DIR instead (any model)")
     export.add_argument("--check-images", type=positive_int, default=256, help="test images to compare logits on")
     export.add_argument(
         "--verify-data",
@@ -354,8 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a directory written by `miniresnet train`")
     report.set_defaults(run=cmd_report)
 
-    download = commands.add_parser("download", help="fetch and verify the CIFAR-10 binary release")
-    download.add_argument("--data-dir", default="data", help="where cifar-10-batches-bin/ will be")
+    models = commands.add_parser("models", help="the shipped pretrained models and their test accuracy")
+    models.add_argument("--json", action="store_true", help="print each model's card as one JSON object")
+    models.set_defaults(run=cmd_models)
+
+    download = commands.add_parser("download", help="fetch and verify CIFAR-10 (binary) or CIFAR-100 (Python) release")
+    download.add_argument("--dataset", choices=DATASETS, default="cifar10")
+    download.add_argument(
+        "--data-dir", default="data", help="where cifar-10-batches-bin/ (or cifar-100-python/) will be"
+    )
     download.add_argument("--url", default=None, help="archive URL (default: the official one)")
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.set_defaults(run=cmd_download)

@@ -68,8 +68,27 @@ class TrainConfig:
     widths: tuple[int, ...] = _opt((16, 32, 64), "channels of each stage", nargs="+")
     blocks_per_stage: int = _opt(2, "residual blocks in each stage")
     # Data and protocol.
-    data_dir: str = _opt("data", "directory holding cifar-10-batches-bin/ (or -py/)")
-    download: bool = _opt(True, "download CIFAR-10 into --data-dir when it is not there")
+    dataset: str = _opt(
+        "cifar10",
+        "cifar10, cifar100, or folder (your images: --data-dir holding train/<class>/* and test/<class>/*, "
+        "or --train-folder)",
+        choices=("cifar10", "cifar100", "folder"),
+    )
+    data_dir: str = _opt(
+        "data", "directory holding cifar-10-batches-bin/ (or -py/), cifar-100-python/, or train/ and test/ folders"
+    )
+    labels: str = _opt("fine", "CIFAR-100: fine (100 classes) or coarse (20 superclasses)", choices=("fine", "coarse"))
+    train_folder: str = _opt(
+        "", "folder data: the training images, one sub-folder per class (instead of DATA_DIR/train)"
+    )
+    test_folder: str = _opt("", "folder data: the test images, same class folders (default: DATA_DIR/test if any)")
+    test_fraction: float = _opt(
+        0.2, "folder data without a test folder: the share of each class held out as the test set (seeded)"
+    )
+    image_size: int = _opt(32, "folder data: the side images are prepared at (largest centred square, resized)")
+    cache_dir: str = _opt("", "folder data: where prepared images are cached (default ~/.cache/miniresnet)")
+    strict: bool = _opt(False, "folder data: an unreadable image is an error instead of being skipped")
+    download: bool = _opt(True, "download CIFAR-10 or CIFAR-100 into --data-dir when it is not there")
     verify_data: bool = _opt(True, "check every data file against its published MD5 before use")
     val_split: int = _opt(0, "hold out the last N training images as a validation set (0 = off)")
     seed: int = _opt(0, "seed for weights, data order and augmentation")
@@ -126,8 +145,16 @@ class TrainConfig:
         for name in ("momentum", "warmup", "label_smoothing", "ema"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 8 <= self.downscale_size <= 32:
-            problems.append(f"downscale_size must be between 8 and 32 pixels, got {self.downscale_size}")
+        if not 8 <= self.image_size <= 512:
+            problems.append(f"image_size must be between 8 and 512 pixels, got {self.image_size}")
+        if not 8 <= self.downscale_size <= max(32, self.image_size):
+            problems.append(f"downscale_size must be between 8 and the image size, got {self.downscale_size}")
+        if not 0 < self.test_fraction < 1:
+            problems.append(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+        if (self.train_folder or self.test_folder) and self.dataset != "folder":
+            problems.append("--train-folder and --test-folder need --dataset folder")
+        if self.image_size != 32 and self.dataset != "folder":
+            problems.append(f"CIFAR images are 32x32; --image-size {self.image_size} is for --dataset folder")
         if not self.widths or min(self.widths) < 1:
             problems.append(f"widths must be positive, got {self.widths}")
         if train_size is not None:

@@ -1,8 +1,9 @@
-"""CIFAR-10 from disk to uint8 tensors: download, checksums, safe extraction, and readers for the
-authors' binary format and the Python (pickle) format.
+"""CIFAR-10 and CIFAR-100 from disk to uint8 tensors: download, checksums, safe extraction, and
+readers for the authors' binary format and the Python (pickle) format. (Image folders: folders.py.)
 
-Everything returns uint8 tensors of shape (N, 3, 32, 32) and int64 labels: the whole data set is
-180 MB, so it is read once and held in memory; augmentation happens later, on whole batches.
+Everything returns an ImageSet: uint8 tensors of shape (N, 3, 32, 32), int64 labels and the class
+names. A whole data set is ~180 MB, so it is read once and held in memory; augmentation happens
+later, on whole batches.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ CLASSES = (
     "truck",
 )
 
+DATASETS = ("cifar10", "cifar100")
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 ARCHIVE_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 BIN_DIR = "cifar-10-batches-bin"
@@ -62,13 +64,48 @@ FILE_MD5 = {
 }
 RECORD_BYTES = 1 + 3 * 32 * 32  # one label byte, then the red, green and blue planes
 
+# CIFAR-100: 100 fine classes in 20 coarse superclasses. The Python release is the one downloaded,
+# because its files have published MD5s; the binary release (records of a coarse label byte, a
+# fine label byte and the pixels) is read too, checked by its structure only.
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR100_PY_DIR = "cifar-100-python"
+CIFAR100_BIN_DIR = "cifar-100-binary"
+CIFAR100_FILE_MD5 = {
+    "train": "16019d7e3df5f24257cddd939b257f8d",
+    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "meta": "7973b15100ade9c7d40fb424638fde48",
+}
+LABEL_KINDS = ("fine", "coarse")
+
+
+@dataclass(frozen=True)
+class Release:
+    """An official archive: where it is, its MD5, the directory it unpacks to and its files' MD5s."""
+
+    name: str
+    url: str
+    archive_md5: str
+    folder: str
+    file_md5: dict[str, str]
+
+
+RELEASES = {
+    "cifar10": Release("CIFAR-10", URL, ARCHIVE_MD5, BIN_DIR, FILE_MD5[BIN_DIR]),
+    "cifar100": Release("CIFAR-100", CIFAR100_URL, CIFAR100_ARCHIVE_MD5, CIFAR100_PY_DIR, CIFAR100_FILE_MD5),
+}
+
 
 @dataclass
-class Cifar10:
-    train_images: torch.Tensor  # uint8 (50000, 3, 32, 32)
-    train_labels: torch.Tensor  # int64 (50000,)
-    test_images: torch.Tensor  # uint8 (10000, 3, 32, 32)
-    test_labels: torch.Tensor  # int64 (10000,)
+class ImageSet:
+    """A labelled data set in memory: what every data source (CIFAR-10, CIFAR-100, image folders) gives."""
+
+    train_images: torch.Tensor  # uint8 (N, 3, H, W)
+    train_labels: torch.Tensor  # int64 (N,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...] = CLASSES
+    name: str = "CIFAR-10"
 
 
 def md5sum(path: Path) -> str:
@@ -112,7 +149,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR-10 file")
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR file")
         if name == "encode":
             import codecs
 
@@ -131,22 +168,36 @@ def _numpy_reconstruct():
     return _reconstruct
 
 
-def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One file of the Python release: a pickled dict with b'data' (N x 3072) and b'labels'."""
+def read_pickle(path: Path) -> dict:
+    """A Python-release file, through the restricted unpickler; keys as str."""
     raw = _read_bytes(path)
     try:
-        batch = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
-        data = batch[b"data"] if b"data" in batch else batch["data"]
-        labels = batch[b"labels"] if b"labels" in batch else batch["labels"]
+        loaded = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        return {k.decode() if isinstance(k, bytes) else k: v for k, v in loaded.items()}
+    except Exception as e:  # any malformed or hostile content ends up here
+        raise MiniResNetError(
+            f"{path}: not a valid CIFAR Python-format file ({type(e).__name__}: {e}); {_fix_hint(path.parent.parent)}"
+        ) from None
+
+
+def read_python_batch(
+    path: Path, label_key: str = "labels", num_classes: int = len(CLASSES)
+) -> tuple[np.ndarray, np.ndarray]:
+    """One file of a Python release: a pickled dict with 'data' (N x 3072) and the labels
+    ('labels' in CIFAR-10, 'fine_labels' and 'coarse_labels' in CIFAR-100)."""
+    batch = read_pickle(path)
+    try:
+        data = batch["data"]
+        labels = batch[label_key]
         data = np.asarray(data, dtype=np.uint8)
         labels = np.asarray(labels, dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
             raise ValueError(f"data of shape {data.shape} with {len(labels)} labels")
-    except Exception as e:  # any malformed or hostile content ends up here
+    except Exception as e:  # any malformed content ends up here
         raise MiniResNetError(
-            f"{path}: not a valid CIFAR-10 Python batch ({type(e).__name__}: {e}); {_fix_hint(path.parent.parent)}"
+            f"{path}: not a valid CIFAR Python-format file ({type(e).__name__}: {e}); {_fix_hint(path.parent.parent)}"
         ) from None
-    return _checked(path, data, labels)
+    return _checked(path, data, labels, num_classes)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -158,10 +209,13 @@ def _read_bytes(path: Path) -> bytes:
         raise MiniResNetError(f"{path}: cannot read it ({e})") from None
 
 
-def _checked(path: Path, pixels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+def _checked(
+    path: Path, pixels: np.ndarray, labels: np.ndarray, num_classes: int = len(CLASSES)
+) -> tuple[np.ndarray, np.ndarray]:
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise MiniResNetError(
-            f"{path}: label {int(labels.max())} is outside 0-9; the file is corrupt: {_fix_hint(path.parent.parent)}"
+            f"{path}: label {int(labels.max())} is outside 0-{num_classes - 1}; the file is corrupt: "
+            f"{_fix_hint(path.parent.parent)}"
         )
     return pixels.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
@@ -196,7 +250,7 @@ def verify_files(batches_dir: Path, expected: dict[str, str] | None = None) -> N
             )
 
 
-def load_cifar10(data_dir: str | Path, verify: bool = True) -> Cifar10:
+def load_cifar10(data_dir: str | Path, verify: bool = True) -> ImageSet:
     """Read the whole data set into memory. With `verify`, each file must match its published
     checksum first (half a second); tests that build tiny stand-in files turn it off."""
     batches_dir = find_batches_dir(Path(data_dir))
@@ -212,21 +266,102 @@ def load_cifar10(data_dir: str | Path, verify: bool = True) -> Cifar10:
 
     train_images, train_labels = read_all(TRAIN_FILES[batches_dir.name])
     test_images, test_labels = read_all(TEST_FILES[batches_dir.name])
-    return Cifar10(train_images, train_labels, test_images, test_labels)
+    return ImageSet(train_images, train_labels, test_images, test_labels, CLASSES, "CIFAR-10")
 
 
-def download_cifar10(
+def read_cifar100_binary(path: Path, labels: str) -> tuple[np.ndarray, np.ndarray]:
+    """train.bin or test.bin of the binary release: a coarse label byte, a fine label byte, pixels."""
+    raw = _read_bytes(path)
+    record = 2 + 3 * 32 * 32
+    if len(raw) == 0 or len(raw) % record:
+        raise MiniResNetError(
+            f"{path}: {len(raw):,} bytes is not a whole number of {record:,}-byte records; the file is "
+            f"truncated or not CIFAR-100: {_fix_hint(path.parent.parent)}"
+        )
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, record)
+    column, num_classes = (1, 100) if labels == "fine" else (0, 20)
+    return _checked(path, records[:, 2:], records[:, column], num_classes)
+
+
+def cifar100_class_names(folder: Path, labels: str) -> tuple[str, ...]:
+    if folder.name == CIFAR100_BIN_DIR:
+        path = folder / f"{labels}_label_names.txt"
+        names = [line.strip() for line in _read_bytes(path).decode().splitlines() if line.strip()]
+    else:
+        names = read_pickle(folder / "meta").get(f"{labels}_label_names", [])
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    expected = 100 if labels == "fine" else 20
+    if len(names) != expected:
+        raise MiniResNetError(f"{folder}: expected {expected} {labels} class names, found {len(names)}")
+    return tuple(names)
+
+
+def load_cifar100(data_dir: str | Path, labels: str = "fine", verify: bool = True) -> ImageSet:
+    """CIFAR-100 with its 100 fine classes, or with `labels="coarse"` its 20 superclasses. With
+    `verify`, the Python release's files must match their published MD5s (the binary release has
+    none published: its files are checked by their structure)."""
+    if labels not in LABEL_KINDS:
+        raise MiniResNetError(f"labels must be one of {', '.join(LABEL_KINDS)}, got {labels!r}")
+    data_dir = Path(data_dir)
+    folder = next((data_dir / d for d in (CIFAR100_PY_DIR, CIFAR100_BIN_DIR) if (data_dir / d).is_dir()), None)
+    if folder is None and data_dir.name in (CIFAR100_PY_DIR, CIFAR100_BIN_DIR) and data_dir.is_dir():
+        folder = data_dir
+    if folder is None:
+        raise MiniResNetError(
+            f"no CIFAR-100 data in {data_dir}: it holds neither {CIFAR100_PY_DIR}/ nor {CIFAR100_BIN_DIR}/. "
+            f"Point --data-dir at one that does, or run `miniresnet download --dataset cifar100 --data-dir {data_dir}`"
+        )
+    classes = cifar100_class_names(folder, labels)
+    if folder.name == CIFAR100_PY_DIR:
+        if verify:
+            verify_files(folder, CIFAR100_FILE_MD5)
+        train = read_python_batch(folder / "train", f"{labels}_labels", len(classes))
+        test = read_python_batch(folder / "test", f"{labels}_labels", len(classes))
+    else:
+        train = read_cifar100_binary(folder / "train.bin", labels)
+        test = read_cifar100_binary(folder / "test.bin", labels)
+    name = "CIFAR-100" + (" (20 superclasses)" if labels == "coarse" else "")
+    as_tensors = [torch.from_numpy(a.copy()) for a in (*train, *test)]
+    return ImageSet(*as_tensors, classes, name)
+
+
+def load_dataset(
+    dataset: str,
     data_dir: str | Path,
-    url: str = URL,
-    archive_md5: str = ARCHIVE_MD5,
+    labels: str = "fine",
+    verify: bool = True,
+    download: bool = False,
+    progress: bool = True,
+) -> ImageSet:
+    """CIFAR-10 or CIFAR-100 from data_dir, downloaded first (when allowed) if it is not there."""
+    if dataset not in DATASETS:
+        raise MiniResNetError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)} (or image folders)")
+    data_dir = Path(data_dir)
+    folders = (BIN_DIR, PY_DIR) if dataset == "cifar10" else (CIFAR100_PY_DIR, CIFAR100_BIN_DIR)
+    present = any((data_dir / f).is_dir() for f in folders) or (data_dir.name in folders and data_dir.is_dir())
+    if download and not present:
+        download_release(RELEASES[dataset], data_dir, progress=progress)
+    if dataset == "cifar10":
+        return load_cifar10(data_dir, verify=verify)
+    return load_cifar100(data_dir, labels, verify=verify)
+
+
+def download_release(
+    release: Release,
+    data_dir: str | Path,
+    url: str | None = None,
+    archive_md5: str | None = None,
     file_md5: dict[str, str] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Fetch the binary release into data_dir (skipped when a verified copy is already there),
-    check the archive's MD5, extract it safely and check every file's MD5."""
+    """Fetch an official release into data_dir (skipped when a verified copy is already there),
+    check the archive's MD5, extract it safely and check every file's MD5. The tests pass their
+    own url and sums."""
     data_dir = Path(data_dir)
-    file_md5 = file_md5 if file_md5 is not None else FILE_MD5[BIN_DIR]
-    batches_dir = data_dir / BIN_DIR
+    url = url or release.url
+    archive_md5 = archive_md5 or release.archive_md5
+    file_md5 = file_md5 if file_md5 is not None else release.file_md5
+    batches_dir = data_dir / release.folder
     if batches_dir.is_dir():
         try:
             verify_files(batches_dir, file_md5)
@@ -266,8 +401,8 @@ def _fetch(url: str, dest: Path, progress: bool) -> None:
                     bar.update(len(chunk))
     except OSError as e:
         raise MiniResNetError(
-            f"could not download {url}: {e}. Check the network, or copy the "
-            f"extracted {BIN_DIR}/ into {dest.parent} by hand."
+            f"could not download {url}: {e}. Check the network, or put the extracted "
+            f"release into {dest.parent} by hand."
         ) from None
 
 

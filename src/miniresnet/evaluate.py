@@ -41,7 +41,19 @@ def predict_logits(
     return torch.cat(out)
 
 
-def metrics(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...] = CLASSES) -> dict:
+def classify(model: nn.Module, images: torch.Tensor, top_k: int = 3, **options) -> list[list[tuple[str, float]]]:
+    """For each uint8 image (N, 3, 32, 32), its `top_k` classes with their probabilities, most
+    likely first, for a model from `load_model` (it carries classes, mean and std); options as for
+    `predict_logits`."""
+    probabilities = predict_logits(model, images, model.mean, model.std, **options).softmax(1)
+    top = probabilities.topk(min(top_k, len(model.classes)))
+    return [
+        [(model.classes[i], round(p, 6)) for p, i in zip(ps, ids, strict=True)]
+        for ps, ids in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+    ]
+
+
+def metrics(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
     """Accuracy, mean loss, per-class accuracy and the confusion matrix (rows: true class),
     as plain numbers (JSON-ready)."""
     k = len(classes)
@@ -61,7 +73,7 @@ def evaluate(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, **options
 ) -> dict:
     """`metrics` of the model's predictions on a labelled set; options as for `predict_logits`."""
-    return metrics(predict_logits(model, images, mean, std, **options), labels)
+    return metrics(predict_logits(model, images, mean, std, **options), labels, CLASSES)
 
 
 def views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:

@@ -2,8 +2,11 @@
 normalisation inside, checked against the PyTorch model on real test images before the file is
 put in place.
 
-Every exported model takes float32 RGB images, shape (N, 3, 32, 32), scaled to [0, 1] (uint8
-pixels divided by 255), and returns logits (N, 10) in the order of the checkpoint's classes.
+Every exported model takes float32 RGB images, shape (N, 3, S, S) with S the model's image size
+(32 for CIFAR), scaled to [0, 1] (uint8 pixels divided by 255), and returns logits (N, classes) in
+the order of the checkpoint's classes. Each file carries the class names and the architecture:
+safetensors in its metadata, ONNX in its metadata_props, TorchScript as the extra file
+`miniresnet.json`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .checkpoint import load_model
 from .errors import MiniResNetError
 from .files import atomic_path
 from .model import MiniResNet
+from .safetensors_file import save_safetensors
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 TOLERANCE = 1e-3  # max abs logit difference accepted (float32 kernels differ between runtimes)
@@ -45,8 +49,20 @@ def _require(module: str, extra: str = "export"):
         raise MiniResNetError(f"this export needs {module}: pip install 'miniresnet[{extra}]'") from None
 
 
-def _write_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path):
-    _require("onnx")
+def describe(model: MiniResNet) -> dict[str, str]:
+    """The strings each exported file carries about its model."""
+    size = model.image_size
+    return {
+        "format": "miniresnet",
+        "arch": json.dumps(model.arch()),
+        "classes": json.dumps(list(model.classes)),
+        "image_size": str(size),
+        "input": f"float32 RGB (N, 3, {size}, {size}) in [0, 1]; the normalisation is inside the model",
+    }
+
+
+def _write_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path, about: dict[str, str]):
+    onnx = _require("onnx")
     _require("onnxscript")
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter's internal notices (deprecations, "torchvision is not installed") are not the user's to fix.
@@ -70,6 +86,9 @@ def _write_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path):
             )  # one self-contained file: the weights are ~1 MB
     finally:
         onnx_log.setLevel(level)
+    written = onnx.load(str(path))
+    onnx.helper.set_model_props(written, about)
+    onnx.save(written, str(path))
 
     def run(x: torch.Tensor) -> torch.Tensor | None:
         try:
@@ -82,12 +101,12 @@ def _write_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path):
     return run
 
 
-def _write_torchscript(wrapped: nn.Module, example: torch.Tensor, path: Path):
+def _write_torchscript(wrapped: nn.Module, path: Path, about: dict[str, str]):
     # PyTorch deprecates TorchScript in favour of torch.export, but it is still what C++ and
     # mobile runtimes load; the warning says nothing the user can act on here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(wrapped).save(str(path))
+        torch.jit.script(wrapped).save(str(path), _extra_files={"miniresnet.json": json.dumps(about)})
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
@@ -97,36 +116,19 @@ def _write_torchscript(wrapped: nn.Module, example: torch.Tensor, path: Path):
     return run
 
 
-def _write_safetensors(wrapped: NormalizedModel, arch: dict, classes: tuple[str, ...], path: Path):
-    safetensors = _require("safetensors.torch")
-    metadata = {
-        "format": "miniresnet",
-        "arch": json.dumps(arch),
-        "classes": json.dumps(list(classes)),
-        "input": "float32 RGB (N, 3, 32, 32) in [0, 1]; normalisation is the mean/std tensors",
-    }
-    safetensors.save_file({k: v.contiguous() for k, v in wrapped.state_dict().items()}, str(path), metadata)
+def _write_safetensors(wrapped: NormalizedModel, path: Path, about: dict[str, str]):
+    save_safetensors(wrapped.state_dict(), about, path)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        rebuilt = NormalizedModel(MiniResNet(**load_safetensors_arch(path)), torch.zeros(3), torch.ones(3))
-        rebuilt.load_state_dict(safetensors.load_file(str(path)))
-        return rebuilt.eval()(x)
+        rebuilt = load_model(path)
+        return NormalizedModel(rebuilt, rebuilt.mean, rebuilt.std).eval()(x)
 
     return run
 
 
-def load_safetensors_arch(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        arch = json.loads(f.metadata()["arch"])
-    arch["widths"] = tuple(arch["widths"])
-    return arch
-
-
 @torch.no_grad()
 def export(checkpoint: str | Path, fmt: str, out: str | Path, images: torch.Tensor) -> dict:
-    """Write `out` in `fmt` and compare its logits with PyTorch's on `images` (uint8, N x 3 x 32 x 32).
+    """Write `out` in `fmt` and compare its logits with PyTorch's on `images` (uint8, N x 3 x S x S).
     The file is written beside `out` and renamed into place only when the check passes."""
     if fmt not in FORMATS:
         raise MiniResNetError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -136,12 +138,13 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, images: torch.Tens
     expected = wrapped(x)
     out = Path(out)
     with atomic_path(out) as tmp:  # renamed into place only if the check below passes
+        about = describe(model)
         if fmt == "onnx":
-            run = _write_onnx(wrapped, x[:2], tmp)
+            run = _write_onnx(wrapped, x[:2], tmp, about)
         elif fmt == "torchscript":
-            run = _write_torchscript(wrapped, x[:2], tmp)
+            run = _write_torchscript(wrapped, tmp, about)
         else:
-            run = _write_safetensors(wrapped, model.arch(), model.classes, tmp)
+            run = _write_safetensors(wrapped, tmp, about)
         got = run(x)
         if got is None:
             checked_with = "onnx.checker only (install onnxruntime for a numerical check)"
@@ -151,7 +154,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, images: torch.Tens
             checked_with = {
                 "onnx": "onnxruntime",
                 "torchscript": "torch.jit.load",
-                "safetensors": "a MiniResNet rebuilt from the file",
+                "safetensors": "load_model on the file",
             }[fmt]
             max_diff = (got - expected).abs().max().item()
             agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
@@ -168,6 +171,6 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, images: torch.Tens
         "checked_with": checked_with,
         "max_abs_logit_diff": max_diff,
         "top1_agreement": agreement,
-        "input": "float32 RGB (N, 3, 32, 32) in [0, 1]",
+        "input": about["input"],
         "classes": list(model.classes),
     }

@@ -58,14 +58,17 @@ def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: s
     plt = _pyplot()
     counts = torch.tensor(confusion, dtype=torch.float64)
     shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    k = len(classes)
+    side = 6.5 if k <= 20 else min(20.0, 2.5 + 0.16 * k)  # 100 classes still get a legible label each
+    fig, ax = plt.subplots(figsize=(side + 1, side))
     im = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    label_size = 10 if k <= 20 else 5
+    ax.set_xticks(range(k), classes, rotation=45 if k <= 20 else 90, ha="right", fontsize=label_size)
+    ax.set_yticks(range(k), classes, fontsize=label_size)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    for i in range(len(classes)):
-        for j in range(len(classes)):
+    for i in range(k if k <= 20 else 0):  # numbers in the cells only while they fit
+        for j in range(k):
             if shares[i, j] >= 0.005:
                 ax.text(
                     j,

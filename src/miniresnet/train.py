@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .augment import channel_stats
 from .checkpoint import restore_training, save_checkpoint, training_checkpoint
 from .config import TrainConfig
-from .data import CLASSES, download_cifar10, find_batches_dir, load_cifar10
+from .data import load_dataset
 from .distributed import Distributed, init_distributed, shutdown_distributed, sync_batchnorm
 from .ema import EMA
 from .errors import MiniResNetError
@@ -90,13 +90,16 @@ class Progress:
 @dataclass
 class TrainingData:
     """The images a run uses, as uint8 tensors: the training images (less the validation split),
-    the sets evaluated after epochs ({"test": ..., "val": ...}), and the training set's statistics."""
+    the sets evaluated after epochs ({"test": ..., "val": ...}), the training set's statistics, and
+    the class names and data set name."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]]
     mean: torch.Tensor
     std: torch.Tensor
+    classes: tuple[str, ...]
+    name: str
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -146,7 +149,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         rank=ddp.rank,
         world_size=ddp.world_size,
     )
-    model = MiniResNet(cfg.widths, cfg.blocks_per_stage, len(CLASSES), zero_init_residual=cfg.zero_init_residual)
+    model = MiniResNet(cfg.widths, cfg.blocks_per_stage, len(data.classes), zero_init_residual=cfg.zero_init_residual)
     params, macs = count_parameters(model), count_macs(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, precision.weights, memory_format=memory_format)
@@ -167,6 +170,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     elif ddp.is_main:
         resolved = {
             "device": str(device),
+            "data": data.name,
+            "classes": list(data.classes),
             "threads": threads,
             "precision": precision.name,
             "machine": describe_machine(device),
@@ -202,7 +207,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             history=progress.history,
             best_val=progress.best_val,
             seconds=seconds,
-            classes=CLASSES,
+            classes=data.classes,
+            image_size=cfg.image_size,
             mean=data.mean,
             std=data.std,
             config=cfg.to_dict(),
@@ -292,7 +298,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     if ddp.is_main:
         write_json(out / "test_eval.json", test_result, indent=None)
         test_images, test_labels = data.eval_sets["test"]
-        write_plots(out, progress.history, test_images, test_labels, test_logits, test_result, CLASSES)
+        write_plots(out, progress.history, test_images, test_labels, test_logits, test_result, data.classes)
         write_json(out / "summary.json", summary)
     return summary
 
@@ -305,15 +311,25 @@ def save(path: Path, state: dict, ddp: Distributed) -> None:
 
 
 def prepare_data(cfg: TrainConfig) -> TrainingData:
-    """The data set (downloaded first when it is missing and downloads are allowed), split into
-    training images and the sets to evaluate, with the training images' channel statistics."""
-    try:
-        find_batches_dir(Path(cfg.data_dir))
-    except MiniResNetError:
-        if not cfg.download:
-            raise
-        download_cifar10(cfg.data_dir, progress=not cfg.quiet)
-    data = load_cifar10(cfg.data_dir, verify=cfg.verify_data)
+    """The data set (CIFAR downloaded first when it is missing and downloads are allowed; image
+    folders decoded or read from their cache), split into training images and the sets to
+    evaluate, with the training images' channel statistics."""
+    if cfg.dataset == "folder":
+        from .folders import folder_dataset
+
+        data = folder_dataset(
+            cfg.data_dir,
+            cfg.train_folder,
+            cfg.test_folder,
+            test_fraction=cfg.test_fraction,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+            cache_dir=cfg.cache_dir or None,
+            strict=cfg.strict,
+            progress=not cfg.quiet,
+        )
+    else:
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels, cfg.verify_data, cfg.download, not cfg.quiet)
     cfg.validate(train_size=len(data.train_labels))
     n_train = len(data.train_labels) - cfg.val_split
     eval_sets = {"test": (data.test_images, data.test_labels)}
@@ -321,7 +337,7 @@ def prepare_data(cfg: TrainConfig) -> TrainingData:
         eval_sets["val"] = (data.train_images[n_train:], data.train_labels[n_train:])
     train_images, train_labels = data.train_images[:n_train], data.train_labels[:n_train]
     mean, std = channel_stats(train_images)
-    return TrainingData(train_images, train_labels, eval_sets, mean, std)
+    return TrainingData(train_images, train_labels, eval_sets, mean, std, data.classes, data.name)
 
 
 def wrap_for_training(model: torch.nn.Module, compile: bool, ddp: Distributed, device: torch.device) -> torch.nn.Module:
@@ -447,7 +463,7 @@ def evaluate_sets(
         for tta in ttas:
             share = ddp.shard(len(images))  # each process one contiguous shard; gathered in order
             logits = ddp.gather(predict_logits(model, images[share], data.mean, data.std, tta=tta, **options))
-            result = metrics(logits, labels)
+            result = metrics(logits, labels, data.classes)
             suffix = "" if tta == "none" else "_tta"
             scores[f"{name}_loss{suffix}"], scores[f"{name}_acc{suffix}"] = result["loss"], result["accuracy"]
             if name == "test":

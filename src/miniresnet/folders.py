@@ -1,0 +1,191 @@
+"""Your own images as a data set: `ROOT/train/<class>/*` and `ROOT/test/<class>/*` (or a training
+folder alone, with a seeded, class-stratified share held out as the test set).
+
+Class names are the training folder's sub-folder names, sorted. Every image, of any size, mode and
+format, is prepared as `predict` prepares one (images.load_image: the largest centred square,
+resized), decoded once in parallel and cached as uint8 tensors in the cache directory, under a key
+made of every file's path, size and modification time, so adding, removing or changing a file
+rebuilds the cache. A file that cannot be read is listed and skipped (an error with `strict`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data import ImageSet
+from .errors import MiniResNetError
+from .files import atomic_path
+from .images import IMAGE_SUFFIXES, load_image
+from .runtime import available_cores, log
+
+CACHE_VERSION = 1  # bump when the preparation of an image changes
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "miniresnet"
+
+
+def scan_class_folders(root: Path, classes: tuple[str, ...] | None = None) -> tuple[tuple[str, ...], list, list]:
+    """(classes, image files, labels) of root/<class>/...; `classes` fixes the names and order
+    (a test folder's classes must be the training folder's). Files whose names are not images are
+    left out and counted in the log."""
+    if not root.is_dir():
+        raise MiniResNetError(f"image folder {root} does not exist or is not a directory")
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise MiniResNetError(f"image folder {root} holds no class folders: expected {root}/<class>/<images>")
+    names = tuple(d.name for d in folders)
+    if classes is None:
+        classes = names
+        if len(classes) < 2:
+            raise MiniResNetError(
+                f"{root} holds {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); a classifier "
+                f"needs at least 2: one sub-folder per class, each holding its images"
+            )
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise MiniResNetError(f"{root}: folders {unknown} are not among the classes {list(classes)}")
+    files, labels, others = [], [], []
+    for folder in folders:
+        everything = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        images = [f for f in everything if f.suffix.lower() in IMAGE_SUFFIXES]
+        others += [f for f in everything if f.suffix.lower() not in IMAGE_SUFFIXES]
+        if not images:
+            raise MiniResNetError(
+                f"class folder {folder} holds no images ({'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} files)"
+            )
+        files += images
+        labels += [classes.index(folder.name)] * len(images)
+    if others:
+        log(f"{root}: left out {len(others)} file(s) that are not images by their names: {listing(others, root)}")
+    return classes, files, labels
+
+
+def listing(paths: list[Path], root: Path, first: int = 5) -> str:
+    names = [str(p.relative_to(root)) for p in paths[:first]]
+    return ", ".join(names) + (f" and {len(paths) - first} more" if len(paths) > first else "")
+
+
+def cache_key(root: Path, files: list[Path], image_size: int) -> str:
+    digest = hashlib.sha256(f"{CACHE_VERSION} {image_size} {root.resolve()}\n".encode())
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def decode_images(files: list[Path], image_size: int, progress: bool) -> tuple[list, list[int], list[str]]:
+    """Each file through load_image, on all cores (Pillow decodes outside the GIL): (images,
+    indices of the files read, errors of the others)."""
+
+    def load(f: Path):
+        try:
+            return load_image(f, image_size)
+        except MiniResNetError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+        results = list(
+            tqdm(pool.map(load, files), total=len(files), desc="decode images", unit="img", disable=not progress)
+        )
+    kept = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
+    return [results[i] for i in kept], kept, [r for r in results if isinstance(r, str)]
+
+
+def prepared_folder(
+    root: Path, classes: tuple[str, ...] | None, image_size: int, cache_dir: Path, strict: bool, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """(uint8 images, labels, classes) of one folder tree, from the cache when it is current."""
+    classes, files, labels = scan_class_folders(root, classes)
+    cache = cache_dir / f"folder-{cache_key(root, files, image_size)}.pt"
+    started = time.perf_counter()
+    images = None
+    if cache.is_file():
+        try:
+            saved = torch.load(cache, weights_only=True)
+            images, labels_t, unreadable = saved["images"], saved["labels"], saved["unreadable"]
+            log(f"{root}: {len(images):,} images from the cache {cache} ({time.perf_counter() - started:.1f} s)")
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            images = None
+    if images is None:
+        decoded, kept, unreadable = decode_images(files, image_size, progress)
+        if not decoded:
+            raise MiniResNetError(f"none of the {len(files)} images in {root} could be read: {unreadable[:3]}")
+        images = torch.stack(decoded)
+        labels_t = torch.tensor([labels[i] for i in kept], dtype=torch.int64)
+        with atomic_path(cache) as tmp:
+            torch.save({"images": images, "labels": labels_t, "unreadable": unreadable}, tmp)
+        log(f"{root}: {len(images):,} images decoded and cached in {cache} ({time.perf_counter() - started:.1f} s)")
+    if unreadable:
+        message = f"{len(unreadable)} of {len(files)} files in {root} could not be read"
+        shown = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        if strict:
+            raise MiniResNetError(f"{message} (--strict): {shown}")
+        log(f"{message}, skipped: {shown}")
+    return images, labels_t, classes
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, test indices): `fraction` of each class (rounded, at least one image of any
+    class with two or more) drawn with `seed`; the same seed and files give the same split."""
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_test = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def load_image_folders(
+    train_dir: str | Path,
+    test_dir: str | Path | None,
+    *,
+    test_fraction: float = 0.2,
+    image_size: int = 32,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> ImageSet:
+    """An ImageSet from a training folder and a test folder, or a held-out share of the training
+    folder when there is no test folder. The training images come in a seeded shuffled order, so
+    a --val-split taken from their end holds every class."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    train_dir = Path(train_dir)
+    images, labels, classes = prepared_folder(train_dir, None, image_size, cache_dir, strict, progress)
+    if test_dir is not None:
+        test_images, test_labels, _ = prepared_folder(Path(test_dir), classes, image_size, cache_dir, strict, progress)
+    else:
+        train_idx, test_idx = stratified_holdout(labels, test_fraction, seed)
+        if len(test_idx) == 0:
+            raise MiniResNetError(
+                f"holding out {test_fraction:.0%} of {train_dir} leaves no test image; add images or a test folder"
+            )
+        test_images, test_labels = images[test_idx], labels[test_idx]
+        images, labels = images[train_idx], labels[train_idx]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    return ImageSet(images[order], labels[order], test_images, test_labels, classes, f"image folder {train_dir}")
+
+
+def folder_dataset(data_dir: str | Path, train_folder: str, test_folder: str, **options) -> ImageSet:
+    """The folders a run names: --train-folder (and --test-folder), or DATA_DIR/train (and DATA_DIR/test)."""
+    if train_folder:
+        return load_image_folders(train_folder, test_folder or None, **options)
+    root = Path(data_dir)
+    if not (root / "train").is_dir():
+        raise MiniResNetError(
+            f"no image folder in {root}: expected {root}/train/<class>/<images> (and optionally {root}/test/...), "
+            f"or give --train-folder"
+        )
+    test = root / "test" if (root / "test").is_dir() else None
+    return load_image_folders(root / "train", test, **options)

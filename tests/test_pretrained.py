@@ -1,0 +1,185 @@
+"""Shipped models: named everywhere a model file goes, checked against their cards before use,
+loadable through torch.hub with torch alone; and the safetensors format we write and read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import miniresnet.pretrained as pretrained
+from miniresnet import MiniResNet, load_model
+from miniresnet.cli import main
+from miniresnet.errors import MiniResNetError
+from miniresnet.export import NormalizedModel
+from miniresnet.safetensors_file import load_safetensors, save_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = pretrained.shipped_cards()
+
+
+def some_tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "weight": torch.randn(4, 3, 3, 3, generator=generator),
+        "double": torch.randn(5, generator=generator, dtype=torch.float64),
+        "half": torch.randn(2, 3, generator=generator).bfloat16(),
+        "count": torch.tensor(7, dtype=torch.int64),  # 0-d, as BatchNorm's num_batches_tracked
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),
+    }
+
+
+def test_our_safetensors_files_and_the_reference_librarys_read_each_other(tmp_path):
+    reference = pytest.importorskip("safetensors.torch")
+    tensors, metadata = some_tensors(), {"format": "miniresnet", "note": "ünïcode"}
+    save_safetensors(tensors, metadata, tmp_path / "ours.safetensors")
+    read_by_reference = reference.load_file(str(tmp_path / "ours.safetensors"))
+    reference.save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata)
+    read_by_us, their_metadata = load_safetensors(tmp_path / "theirs.safetensors")
+    assert their_metadata == metadata
+    for name, tensor in tensors.items():
+        for got in (read_by_reference[name], read_by_us[name]):
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor)
+    assert load_safetensors(tmp_path / "ours.safetensors")[1] == metadata
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[: len(raw) // 2],  # truncated inside the data
+        lambda raw: raw[:20],  # truncated inside the header
+        lambda raw: b"\xff" * 8 + raw[8:],  # a header length beyond the file
+        lambda raw: raw[:8] + b"[" + raw[9:],  # a header that is not JSON
+        lambda raw: b"",
+    ],
+)
+def test_a_damaged_safetensors_file_is_a_clear_error(tmp_path, damage):
+    save_safetensors(some_tensors(), {}, tmp_path / "a.safetensors")
+    (tmp_path / "a.safetensors").write_bytes(damage((tmp_path / "a.safetensors").read_bytes()))
+    with pytest.raises(MiniResNetError, match="not a readable safetensors file"):
+        load_safetensors(tmp_path / "a.safetensors")
+
+
+def export_like(model: MiniResNet, path: Path, classes: list[str]) -> None:
+    """A file as `miniresnet export --format safetensors` writes it (tested in test_usage)."""
+    wrapped = NormalizedModel(model, torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3]))
+    metadata = {"format": "miniresnet", "arch": json.dumps(model.arch()), "classes": json.dumps(classes)}
+    save_safetensors(wrapped.state_dict(), metadata, path)
+
+
+@pytest.fixture
+def shipped_here(tmp_path, monkeypatch) -> tuple[str, MiniResNet]:
+    """A shipped model `tiny` in a weights directory of the test's own."""
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", tmp_path / "weights")
+    (tmp_path / "weights").mkdir()
+    model = MiniResNet((4, 8, 8), 1, 3).eval()
+    export_like(model, tmp_path / "weights" / "tiny.safetensors", ["a", "b", "c"])
+    card = {
+        "name": "tiny",
+        "file": "tiny.safetensors",
+        "sha256": pretrained.sha256_of(tmp_path / "weights" / "tiny.safetensors"),
+        "test_accuracy": {"plain": 0.5, "tta": 0.55, "tta_mode": "flip"},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "command": "miniresnet train --preset tiny",
+    }
+    (tmp_path / "weights" / "tiny.json").write_text(json.dumps(card))
+    return "tiny", model
+
+
+def test_a_shipped_name_loads_the_shipped_model(shipped_here, tmp_path, monkeypatch, capsys):
+    name, original = shipped_here
+    model = load_model(name)
+    assert model.classes == ("a", "b", "c") and not model.training
+    assert torch.allclose(model.mean, torch.tensor([0.5, 0.4, 0.3])) and torch.allclose(
+        model.std, torch.tensor([0.2, 0.25, 0.3])
+    )
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), original(x))
+    assert main(["models"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    # A file of that name wins over the shipped model (the user meant their file).
+    monkeypatch.chdir(tmp_path)
+    export_like(MiniResNet((4, 8, 8), 1, 2), tmp_path / name, ["x", "y"])
+    assert load_model(name).classes == ("x", "y")
+
+
+def test_an_unknown_name_lists_the_shipped_ones(shipped_here):
+    with pytest.raises(MiniResNetError, match=r"'tinny' is neither a file nor a shipped model \(shipped: tiny;"):
+        load_model("tinny")
+    with pytest.raises(MiniResNetError, match="checkpoint runs/x.pt does not exist"):
+        load_model("runs/x.pt")
+
+
+def test_a_shipped_file_whose_bytes_changed_is_refused(shipped_here):
+    name, _ = shipped_here
+    path = pretrained.WEIGHTS_DIR / f"{name}.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 1  # one bit of one weight
+    path.write_bytes(bytes(raw))
+    with pytest.raises(MiniResNetError, match="the shipped model 'tiny' was changed: .* it was not loaded"):
+        load_model(name)
+
+
+def test_another_safetensors_file_is_not_taken_for_a_model(tmp_path):
+    save_safetensors({"w": torch.zeros(2)}, {}, tmp_path / "other.safetensors")
+    with pytest.raises(MiniResNetError, match="not a miniresnet model"):
+        load_model(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_each_shipped_file_matches_its_card(name):
+    card = SHIPPED[name]
+    path = pretrained.WEIGHTS_DIR / card["file"]
+    assert pretrained.sha256_of(path) == card["sha256"] and path.stat().st_size == card["bytes"]
+    model = load_model(name)
+    assert list(model.classes) == card["classes"] and model.arch() == card["architecture"]
+    assert model.mean.tolist() == card["mean"] and model.std.tolist() == card["std"]
+    assert sum(p.numel() for p in model.parameters()) == card["parameters"]
+
+
+def test_the_models_shipped_are_best_and_seed_and_the_model_card_is_up_to_date():
+    assert sorted(SHIPPED) == ["best", "seed"]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from ship_model import model_card_markdown
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert (ROOT / "MODEL_CARD.md").read_text() == model_card_markdown(SHIPPED)
+
+
+HUB_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+
+    # Only torch: any other package the hub path imports fails here.
+    for blocked in ("numpy", "PIL", "matplotlib", "tqdm", "safetensors", "onnx", "onnxruntime", "tensorboard"):
+        sys.modules[blocked] = None
+    model = torch.hub.load(sys.argv[1], "mini_resnet", source="local", pretrained=True, weights="best")
+    untrained = torch.hub.load(sys.argv[1], "mini_resnet", source="local", num_classes=4)
+    torch.save(
+        {"weights": model.state_dict(), "classes": list(model.classes), "mean": model.mean, "std": model.std,
+         "training": model.training, "untrained_out": untrained.fc.out_features,
+         "module": type(model).__module__ + "." + type(model).__name__},
+        sys.argv[2],
+    )
+    """
+)
+
+
+@pytest.mark.skipif("best" not in SHIPPED, reason="no shipped `best` model in this checkout")
+def test_torch_hub_loads_the_shipped_model_with_torch_alone(tmp_path):
+    subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(ROOT), str(tmp_path / "hub.pt")], check=True, cwd=tmp_path)
+    hub = torch.load(tmp_path / "hub.pt", weights_only=True)
+    model = load_model("best")
+    assert hub["module"] == "miniresnet.model.MiniResNet" and not hub["training"] and hub["untrained_out"] == 4
+    assert hub["classes"] == list(model.classes)
+    assert torch.equal(hub["mean"], model.mean) and torch.equal(hub["std"], model.std)
+    assert hub["weights"].keys() == model.state_dict().keys()
+    assert all(torch.equal(hub["weights"][k], v) for k, v in model.state_dict().items())
