@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import pickle
 import threading
@@ -13,9 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from miniresnet.config import TrainConfig
 from miniresnet.data import BIN_DIR, PY_DIR, TEST_FILES, TRAIN_FILES
+from miniresnet.export import NormalizedModel
+from miniresnet.model import MiniResNet
+from miniresnet.safetensors_file import save_safetensors
 
 
 def synthetic_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +74,13 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
         eval_batch_size=64,
     )
     return TrainConfig(**{**base, **overrides})
+
+
+def export_like(model: MiniResNet, path: Path, classes: list[str]) -> None:
+    """A model file as `miniresnet export --format safetensors` writes one (tested in test_usage)."""
+    wrapped = NormalizedModel(model, torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3]))
+    metadata = {"format": "miniresnet", "arch": json.dumps(model.arch()), "classes": json.dumps(classes)}
+    save_safetensors(wrapped.state_dict(), metadata, path)
 
 
 @contextlib.contextmanager

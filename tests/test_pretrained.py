@@ -3,6 +3,7 @@ loadable through torch.hub with torch alone; and the safetensors format we write
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -13,10 +14,10 @@ import pytest
 import torch
 
 import miniresnet.pretrained as pretrained
+from conftest import export_like
 from miniresnet import MiniResNet, load_model
 from miniresnet.cli import main
 from miniresnet.errors import MiniResNetError
-from miniresnet.export import NormalizedModel
 from miniresnet.safetensors_file import load_safetensors, save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,13 +65,6 @@ def test_a_damaged_safetensors_file_is_a_clear_error(tmp_path, damage):
     (tmp_path / "a.safetensors").write_bytes(damage((tmp_path / "a.safetensors").read_bytes()))
     with pytest.raises(MiniResNetError, match="not a readable safetensors file"):
         load_safetensors(tmp_path / "a.safetensors")
-
-
-def export_like(model: MiniResNet, path: Path, classes: list[str]) -> None:
-    """A file as `miniresnet export --format safetensors` writes it (tested in test_usage)."""
-    wrapped = NormalizedModel(model, torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3]))
-    metadata = {"format": "miniresnet", "arch": json.dumps(model.arch()), "classes": json.dumps(classes)}
-    save_safetensors(wrapped.state_dict(), metadata, path)
 
 
 @pytest.fixture
@@ -183,3 +177,17 @@ def test_torch_hub_loads_the_shipped_model_with_torch_alone(tmp_path):
     assert torch.equal(hub["mean"], model.mean) and torch.equal(hub["std"], model.std)
     assert hub["weights"].keys() == model.state_dict().keys()
     assert all(torch.equal(hub["weights"][k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif("best" not in SHIPPED, reason="no shipped `best` model in this checkout")
+def test_the_readmes_python_example_classifies_an_image_with_the_shipped_model(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    example = next(block for block in readme.split("```python\n")[1:] if 'load_model("best")' in block)
+    example = example.split("```")[0]
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(tmp_path / "cat.jpg")
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, check=True)
+    (ranked,) = ast.literal_eval(result.stdout)
+    assert [c for c, _ in ranked] and {c for c, _ in ranked} <= set(SHIPPED["best"]["classes"]) and len(ranked) == 3
+    assert 0 < sum(p for _, p in ranked) <= 1.000001 and ranked == sorted(ranked, key=lambda r: -r[1])

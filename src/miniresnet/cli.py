@@ -282,6 +282,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServeConfig, serve
+    except ImportError as e:
+        raise MiniResNetError(
+            f"serve needs the serve extra ({e.name} is missing): pip install 'miniresnet[serve]'"
+        ) from None
+    config = ServeConfig(
+        model=args.model,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        threads=args.threads,
+    )
+    from .checkpoint import read_model
+
+    read_model(args.model)  # a wrong name or path is one error line now, not a traceback from the server
+    serve(config, args.host, args.port)
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from .data import RELEASES, download_release
 
@@ -418,6 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="the shipped pretrained models and their test accuracy")
     models.add_argument("--json", action="store_true", help="print each model's card as one JSON object")
     models.set_defaults(run=cmd_models)
+
+    serve = commands.add_parser("serve", help="an HTTP API and a drag-and-drop page for a model")
+    serve.add_argument("model", nargs="?", default="best", metavar="MODEL", help=MODEL_HELP + " (default: best)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=positive_int, default=32, help="images per forward pass, at most")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill after its first")
+    serve.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting; more are refused (503)")
+    serve.add_argument("--max-upload-mb", type=float, default=8.0, help="largest upload accepted")
+    serve.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="largest image (width x height)")
+    serve.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+    serve.set_defaults(run=cmd_serve)
 
     download = commands.add_parser("download", help="fetch and verify CIFAR-10 (binary) or CIFAR-100 (Python) release")
     download.add_argument("--dataset", choices=DATASETS, default="cifar10")

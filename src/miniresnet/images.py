@@ -8,6 +8,7 @@ resized to 32x32 with a bicubic filter (antialiased when shrinking). Pillow is a
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -28,24 +29,37 @@ def _pil():
     return Image, ImageOps
 
 
-def load_image(path: str | Path, size: int = 32) -> torch.Tensor:
-    """One image file as a uint8 (3, size, size) tensor; a file that is not an image is a
-    MiniResNetError naming it."""
+class ImageTooLarge(MiniResNetError):
+    """An image whose pixel count is over the caller's cap (a decompression bomb, or just too big)."""
+
+
+def load_image(source: str | Path | bytes, size: int = 32, max_pixels: int | None = None) -> torch.Tensor:
+    """One image, a file or its bytes, as a uint8 (3, size, size) tensor. Something that is not
+    a readable image is a MiniResNetError naming it; with `max_pixels`, an image with more pixels
+    is an ImageTooLarge, found from its header before it is decoded."""
     Image, ImageOps = _pil()
-    path = Path(path)
+    name = "the upload" if isinstance(source, bytes) else str(source)
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source)) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageTooLarge(
+                    f"{name}: {image.width}x{image.height} is {image.width * image.height:,} pixels, over the "
+                    f"limit of {max_pixels:,}"
+                )
             image.load()
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             image = ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
     except FileNotFoundError:
-        raise MiniResNetError(f"{path}: no such file") from None
+        raise MiniResNetError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise MiniResNetError(f"{path}: is a directory, not an image") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise MiniResNetError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise MiniResNetError(f"{name}: is a directory, not an image") from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit (twice its 89M-pixel warning), met first
+        limit = f"over the limit of {max_pixels:,} pixels: " if max_pixels else ""
+        raise ImageTooLarge(f"{name}: {limit}{e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise MiniResNetError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 

@@ -1,0 +1,273 @@
+"""`miniresnet serve`: the API in process, a real server process on 127.0.0.1, and the page in
+headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from conftest import export_like
+from miniresnet import MiniResNet
+from miniresnet.cli import main
+from miniresnet.serve import Batcher, Metrics, RequestError, ServeConfig, create_app
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """An untrained model exported as safetensors: what the server loads like any model file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("serve") / "model.safetensors"
+    export_like(MiniResNet().eval(), path, CLASSES)
+    return path
+
+
+def png_bytes(size=(50, 40), colour=(200, 30, 30), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def cli_prediction(capsys, model: Path, image: Path) -> list[dict]:
+    assert main(["predict", str(model), str(image), "--top-k", "5", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["top_k"]
+
+
+def same_ranking(got: list[dict], expected: list[dict]) -> bool:
+    """Same classes in the same order, probabilities equal to the 6 printed decimals (a batch of
+    another size may run other kernels, which can move the 7th)."""
+    return [g["class"] for g in got] == [e["class"] for e in expected] and all(
+        abs(g["probability"] - e["probability"]) <= 2e-6 for g, e in zip(got, expected, strict=True)
+    )
+
+
+def test_predict_answers_as_the_cli_does_for_uploads_and_raw_bodies(model_file, tmp_path, capsys):
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    expected = cli_prediction(capsys, model_file, image)
+    with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
+        assert client.get("/healthz").json()["status"] == "ok"
+        raw = client.post("/predict", content=image.read_bytes(), headers={"content-type": "image/png"})
+        upload = client.post("/predict", files={"file": ("red.png", image.read_bytes(), "image/png")})
+        two = client.post(
+            "/predict?top_k=2&image=true", content=image.read_bytes(), headers={"content-type": "image/png"}
+        )
+    assert raw.status_code == upload.status_code == two.status_code == 200
+    assert same_ranking(raw.json()["top_k"], expected) and same_ranking(upload.json()["top_k"], expected)
+    assert same_ranking(two.json()["top_k"], expected[:2])
+    seen = Image.open(io.BytesIO(base64.b64decode(two.json()["image"].split(",")[1])))
+    assert seen.size == (32, 32)
+
+
+BAD_INPUTS = [
+    ("too many pixels", png_bytes((8_000, 8_000), 0, "1"), "image/png", 413, "8000x8000 is 64,000,000 pixels"),
+    ("not an image", b"hello, world", "image/png", 400, "not a readable image"),
+    ("truncated PNG", png_bytes((300, 300))[:200], "image/png", 400, "not a readable image"),
+    ("empty body", b"", "image/png", 400, "empty body"),
+    ("over the size cap", b"\0" * (1024 * 1024 + 10), "image/png", 413, "over the limit of 1,048,576 bytes"),
+    (
+        "decompression bomb",
+        png_bytes((20_000, 20_000), 0, "1"),
+        "image/png",
+        413,
+        "over the limit of 50,000,000 pixels",
+    ),
+    ("wrong content type", b'{"image": 1}', "application/json", 415, "is not an image"),
+]
+
+
+@pytest.mark.parametrize("name, body, content_type, status, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_json_error_and_the_server_carries_on(model_file, name, body, content_type, status, message):
+    config = ServeConfig(model=str(model_file), max_upload_bytes=1024 * 1024, max_pixels=50_000_000)
+    with TestClient(create_app(config)) as client:
+        response = client.post("/predict", content=body, headers={"content-type": content_type})
+        assert response.status_code == status and message in response.json()["error"], response.json()
+        assert client.post("/predict", content=png_bytes(), headers={"content-type": "image/png"}).status_code == 200
+        assert (
+            client.post("/predict?top_k=11", content=png_bytes(), headers={"content-type": "image/png"}).status_code
+            == 422
+        )
+        metrics = client.get("/metrics").text
+    assert f'miniresnet_requests_total{{endpoint="/predict",status="{status}"}} 1.0' in metrics
+    assert 'miniresnet_requests_total{endpoint="/predict",status="200"} 1.0' in metrics
+
+
+def test_concurrent_requests_share_a_forward_pass_and_a_full_queue_is_refused(model_file):
+    from miniresnet import load_model
+    from miniresnet.evaluate import classify
+
+    model = load_model(model_file)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+
+    async def scenario() -> tuple[list, list]:
+        metrics = Metrics(max_batch=8)
+        batcher = Batcher(model, ServeConfig(max_batch=8, max_wait_ms=200, max_queue=6), metrics)
+        futures = [batcher.submit(image) for image in images]  # queued before the batcher runs
+        with pytest.raises(RequestError) as refused:
+            batcher.submit(images[0])
+        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+        task = asyncio.create_task(batcher.run())
+        results = await asyncio.gather(*futures)
+        task.cancel()
+        sizes = [s for s in metrics.registry.collect() if s.name == "miniresnet_batch_size"][0].samples
+        return results, sizes
+
+    results, sizes = asyncio.run(scenario())
+    assert results == classify(model, images, 10)  # one batch of 6: the same pass as done by hand
+    assert {s.name: s.value for s in sizes if s.name.endswith(("_count", "_sum"))} == {
+        "miniresnet_batch_size_count": 1.0,
+        "miniresnet_batch_size_sum": 6.0,
+    }
+
+
+def test_healthz_answers_while_the_model_works(model_file, monkeypatch):
+    import miniresnet.serve as serve
+
+    def slow_classify(*args):
+        time.sleep(1.5)
+        return classify(*args)
+
+    classify = serve.classify
+    monkeypatch.setattr(serve, "classify", slow_classify)
+    with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
+        worker = threading.Thread(
+            target=client.post,
+            args=("/predict",),
+            kwargs={"content": png_bytes(), "headers": {"content-type": "image/png"}},
+        )
+        worker.start()
+        time.sleep(0.3)  # the request is in the model now
+        started = time.perf_counter()
+        assert client.get("/healthz").status_code == 200
+        assert time.perf_counter() - started < 1.0
+        worker.join()
+
+
+def test_the_page_is_served_whole_with_no_outside_assets(model_file):
+    with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
+        page = client.get("/")
+        assert client.get("/openapi.json").json()["paths"].keys() >= {"/predict", "/healthz", "/metrics"}
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<input id="file"' in page.text and 'fetch("/predict' in page.text
+    assert "http://" not in page.text and "https://" not in page.text and "//cdn" not in page.text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(model_file):
+    """A real `miniresnet serve` process on 127.0.0.1; yields its base URL, stops it after."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "miniresnet", "serve", str(model_file), "--port", str(port), "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"the server did not come up: {process.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_real_server_process(server, model_file, tmp_path, capsys):
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    status, answer = post(server + "/predict", image.read_bytes())
+    assert status == 200 and same_ranking(answer["top_k"], cli_prediction(capsys, model_file, image))
+    assert post(server + "/predict", b"junk")[0] == 400
+    with urllib.request.urlopen(server + "/metrics") as response:
+        assert b"miniresnet_batch_size_bucket" in response.read()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium package (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+def test_the_page_in_chromium_shows_the_clis_answer_and_works_by_keyboard(
+    browser, server, model_file, tmp_path, capsys
+):
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes((64, 48), (30, 160, 200)))
+    expected = cli_prediction(capsys, model_file, image)[0]["class"]
+    page = browser.new_page(viewport={"width": 375, "height": 740})  # a phone's width
+    page.goto(server + "/")
+    for _ in range(5):  # keyboard alone: Tab to the chooser, Space opens it
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "file":
+            break
+    assert page.evaluate("document.activeElement.id") == "file"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(str(image))
+    page.wait_for_selector("#answer:not([hidden]) #result li")
+    assert page.inner_text("#result li .class") == expected
+    assert expected in page.inner_text("#status")
+    assert page.evaluate("document.getElementById('seen').naturalWidth") == 32
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # nothing wider than the phone
+    page.close()
+
+
+def test_serve_with_an_unknown_model_is_one_error_line(capsys):
+    assert main(["serve", "no-such-model"]) == 1
+    assert "'no-such-model' is neither a file nor a shipped model" in capsys.readouterr().err
