@@ -49,7 +49,7 @@ def jpeg_copy(images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ..
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / classes[label] / f"{i:05d}.jpg", quality=75)
 
 
-def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str, commit: str) -> dict:
+def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str, commit: str, note: str) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     data = load_cifar10(data_dir)
@@ -59,7 +59,9 @@ def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str,
     with_tta = accuracy(model, data.test_images, data.test_labels, tta)
     with tempfile.TemporaryDirectory() as tmp:
         jpeg_copy(data.test_images, data.test_labels, model.classes, Path(tmp))
-        images, labels, _ = prepared_folder(Path(tmp), model.classes, 32, Path(tmp) / ".cache", True, False)
+        images, labels, _ = prepared_folder(
+            Path(tmp), model.classes, 32, Path(tmp) / ".cache", strict=True, progress=False
+        )
     jpeg_plain = accuracy(model, images, labels, "none")
     jpeg_tta = accuracy(model, images, labels, tta)
     return {
@@ -75,6 +77,7 @@ def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str,
         "trained_on": config["resolved"]["machine"],
         "trained_in_precision": summary["precision"],
         "train_seconds": summary["seconds"],
+        "note": note,
         "epochs": summary["epochs"],
         "architecture": model.arch(),
         "parameters": summary["params"],
@@ -122,6 +125,7 @@ def model_card_markdown(cards: dict[str, dict]) -> str:
     recipes = "\n".join(
         f"- `{n}`: {c['description']}. Trained with `{c['command']}` at commit `{c['commit'][:12]}`, "
         f"torch {c['trained_on']['torch']}, {c['trained_on']['threads']} threads; sha256 `{c['sha256']}`."
+        + (f" {c['note']}" if c.get("note") else "")
         for n, c in cards.items()
     )
     first = next(iter(cards.values()), None)
@@ -132,11 +136,12 @@ def model_card_markdown(cards: dict[str, dict]) -> str:
 
 <!-- Written by scripts/ship_model.py from src/miniresnet/weights/*.json; edit the script, not this file. -->
 
-**What they are.** Two trainings of the Mini-ResNet of this repository (a 3x3 stem of 16 channels,
+**What they are.** Trainings of the Mini-ResNet of this repository (a 3x3 stem of 16 channels,
 three stages of two residual blocks at 16, 32 and 64 channels joined by stride-2 3x3 convolutions,
 global average pooling, one linear layer): {", ".join(f"`{n}`" for n in names)}. Each is a
-safetensors file of ~0.9 MB inside the package, loaded by name: `load_model("best")`,
-`miniresnet predict best cat.jpg`, `torch.hub.load(..., "mini_resnet", pretrained=True, weights="best")`.
+safetensors file of ~0.9 MB inside the package, loaded by name: `load_model("{names[0]}")`,
+`miniresnet predict {names[0]} cat.jpg`,
+`torch.hub.load(..., "mini_resnet", pretrained=True, weights="{names[0]}")`.
 
 **For**: classifying small natural photographs into the ten CIFAR-10 classes ({", ".join(classes)}),
 as a baseline to compare against, and as a starting point for experiments. **Not for**: anything
@@ -172,19 +177,20 @@ Per class (plain, no TTA):
 
 {recipes}
 
-Retraining with the same command gives the same accuracy within seed-to-seed noise (about ±0.2
-points for `best`, see `benchmarks/RESULTS.md`); the same weights bit for bit only on the same CPU
-kind, thread count and torch version. `scripts/ship_model.py` turns a run into a shipped file and
+Retraining with the same command gives the same accuracy within seed-to-seed noise (see
+`benchmarks/RESULTS.md` for runs of each preset with several seeds); the same weights bit for bit
+only on the same CPU kind, thread count and torch version. `scripts/ship_model.py` turns a run into a shipped file and
 its card.
 
 ## Known limits
 
-- 32x32 inputs: a large photo is shrunk to 32x32 first, so fine detail is gone; objects that do
-  not fill the centre of the frame are often misclassified.
+- 32x32 inputs: a large photo is shrunk to 32x32 first, so fine detail is gone; it was trained
+  only on images whose object fills most of the frame, and other framings are not measured.
 - Not every class is as good: {hardest}.
-- Compression shifts accuracy (the JPEG columns); other shifts (blur, noise, different cameras,
-  drawings) are not measured here and will cost more.
-- CIFAR-10's images come from the web of around 2008; its classes and their look reflect that.
+- Compression costs accuracy (the JPEG columns); other shifts (blur, noise, other cameras,
+  drawings) are not measured here.
+- CIFAR-10's photographs were collected from the web around 2008; what its classes look like
+  there is what the model knows.
 """
 
 
@@ -195,12 +201,13 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--command", required=True, help="the exact command the run was trained with")
     parser.add_argument("--commit", required=True, help="the commit it was trained at")
+    parser.add_argument("--note", default="", help="anything a reader of the card should know about the run")
     args = parser.parse_args()
     data = load_cifar10(args.data_dir)
     path = WEIGHTS_DIR / f"{args.name}.safetensors"
     result = export(args.run_dir / "last.pt", "safetensors", path, data.test_images[:256])
     print(f"wrote {path} (checked against PyTorch: max abs logit difference {result['max_abs_logit_diff']:.1e})")
-    card = make_card(args.run_dir, args.name, path, args.data_dir, args.command, args.commit)
+    card = make_card(args.run_dir, args.name, path, args.data_dir, args.command, args.commit, args.note)
     write_text_atomically(WEIGHTS_DIR / f"{args.name}.json", json.dumps(card, indent=1) + "\n")
     write_text_atomically(ROOT / "MODEL_CARD.md", model_card_markdown(shipped_cards()))
     print(json.dumps({k: card[k] for k in ("name", "test_accuracy", "jpeg75_test_accuracy", "sha256")}))

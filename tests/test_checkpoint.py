@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from miniresnet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, strip_prefixes
+from miniresnet.checkpoint import load_checkpoint, load_model, model_from_checkpoint, save_checkpoint, strip_prefixes
 from miniresnet.errors import MiniResNetError
 from miniresnet.model import MiniResNet
 
@@ -29,7 +29,8 @@ def test_round_trip(tmp_path):
 
 
 def test_a_checkpoint_written_before_the_key_rename_still_loads(tmp_path):
-    """Checkpoints once named the weights to use "model" and the raw trained ones "trained_model"."""
+    """Checkpoints once named the weights to use "model" and the raw trained ones "trained_model",
+    and held no image size (CIFAR's 32 then)."""
     model = MiniResNet()
     old = {**state_of(model), "trained_model": None}
     old["model"] = old.pop("weights")
@@ -38,6 +39,8 @@ def test_a_checkpoint_written_before_the_key_rename_still_loads(tmp_path):
     assert "model" not in state and state["trained_weights"] is None
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model.eval()(x), model_from_checkpoint(state).eval()(x))
+    loaded = load_model(tmp_path / "old.pt")
+    assert loaded.image_size == 32 and loaded.classes == ("a",) * 10
 
 
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,8 @@ from PIL import Image
 from conftest import export_like
 from miniresnet import MiniResNet
 from miniresnet.cli import main
+from miniresnet.data import load_cifar10
+from miniresnet.pretrained import DEFAULT_MODEL
 from miniresnet.serve import Batcher, Metrics, RequestError, ServeConfig, create_app
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -44,7 +48,7 @@ def png_bytes(size=(50, 40), colour=(200, 30, 30), mode="RGB") -> bytes:
     return buffer.getvalue()
 
 
-def cli_prediction(capsys, model: Path, image: Path) -> list[dict]:
+def cli_prediction(capsys, model: Path | str, image: Path) -> list[dict]:
     assert main(["predict", str(model), str(image), "--top-k", "5", "--json"]) == 0
     return json.loads(capsys.readouterr().out)["top_k"]
 
@@ -174,12 +178,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(model_file):
-    """A real `miniresnet serve` process on 127.0.0.1; yields its base URL, stops it after."""
+@contextlib.contextmanager
+def running_server(model: str) -> Iterator[str]:
+    """A real `miniresnet serve MODEL` process on 127.0.0.1 at a free port; yields its base URL."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "miniresnet", "serve", str(model_file), "--port", str(port), "--threads", "1"],
+        [sys.executable, "-m", "miniresnet", "serve", model, "--port", str(port), "--threads", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -197,9 +201,17 @@ def server(model_file):
             process.kill()
             pytest.fail(f"the server did not come up: {process.communicate()[1][-2000:]}")
         time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=20)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture
+def server(model_file) -> Iterator[str]:
+    with running_server(str(model_file)) as url:
+        yield url
 
 
 def post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, dict]:
@@ -266,6 +278,21 @@ def test_the_page_in_chromium_shows_the_clis_answer_and_works_by_keyboard(
     assert page.evaluate("document.getElementById('seen').naturalWidth") == 32
     assert page.evaluate("document.documentElement.scrollWidth") <= 375  # nothing wider than the phone
     page.close()
+
+
+def test_the_page_classifies_a_real_cifar10_test_image_as_the_cli_does(browser, real_data, tmp_path, capsys):
+    """The default shipped model, the server's default too."""
+    data = load_cifar10(real_data)
+    image = tmp_path / "test-0.png"
+    Image.fromarray(data.test_images[0].permute(1, 2, 0).numpy()).save(image)
+    expected = cli_prediction(capsys, DEFAULT_MODEL, image)[0]["class"]
+    with running_server(DEFAULT_MODEL) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#answer:not([hidden]) #result li")
+        assert page.inner_text("#result li .class") == expected
+        page.close()
 
 
 def test_serve_with_an_unknown_model_is_one_error_line(capsys):

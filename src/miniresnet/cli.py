@@ -16,10 +16,11 @@ from . import __version__
 from .config import PRESETS, TTA_MODES, TrainConfig
 from .data import DATASETS, LABEL_KINDS
 from .errors import MiniResNetError
+from .pretrained import DEFAULT_MODEL
 from .runtime import PRECISIONS
 
 FLAG_ALIASES = {"out_dir": ["--out"]}
-MODEL_HELP = "a checkpoint (.pt) from `miniresnet train`, a safetensors export, or a shipped model: best, seed"
+MODEL_HELP = "a checkpoint (.pt) from `miniresnet train`, a safetensors export, or a shipped model's name"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -443,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=cmd_models)
 
     serve = commands.add_parser("serve", help="an HTTP API and a drag-and-drop page for a model")
-    serve.add_argument("model", nargs="?", default="best", metavar="MODEL", help=MODEL_HELP + " (default: best)")
+    serve.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=positive_int, default=32, help="images per forward pass, at most")

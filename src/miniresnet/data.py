@@ -8,7 +8,6 @@ later, on whole batches.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import tarfile
@@ -21,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import MiniResNetError
-from .files import atomic_path
+from .files import atomic_path, hexdigest
 
 CLASSES = (
     "airplane",
@@ -109,11 +108,7 @@ class ImageSet:
 
 
 def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hexdigest(path, "md5")
 
 
 def _fix_hint(data_dir: Path, delete: bool = True) -> str:
@@ -329,6 +324,7 @@ def load_dataset(
     dataset: str,
     data_dir: str | Path,
     labels: str = "fine",
+    *,
     verify: bool = True,
     download: bool = False,
     progress: bool = True,

@@ -1,9 +1,11 @@
 """Writing a file so that a crash, a kill or a full disk leaves the old file or the new one, never
-half of one: the one way every file of a run, a checkpoint, an export or a download is written."""
+half of one: the one way every file of a run, a checkpoint, an export or a download is written.
+And a file's hash, the one way checksums are computed."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +33,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
+
+
+def hexdigest(path: str | Path, algorithm: str) -> str:
+    """A file's hash ("md5", "sha256", ...), read in 1 MB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

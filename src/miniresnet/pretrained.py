@@ -8,13 +8,14 @@ loaded: a file that was changed is refused, not used. `scripts/ship_model.py` wr
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from .errors import MiniResNetError
+from .files import hexdigest
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "seed"  # what `serve` and torch.hub load when no model is named
 
 
 def shipped_cards() -> dict[str, dict]:
@@ -23,11 +24,7 @@ def shipped_cards() -> dict[str, dict]:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hexdigest(path, "sha256")
 
 
 def shipped_weights(name: str) -> Path:

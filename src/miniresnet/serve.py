@@ -35,6 +35,7 @@ from .checkpoint import load_model
 from .errors import MiniResNetError
 from .evaluate import classify
 from .images import ImageTooLarge, load_image
+from .pretrained import DEFAULT_MODEL
 from .runtime import set_threads
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -42,7 +43,7 @@ PAGE = Path(__file__).with_name("serve_page.html")
 
 @dataclass
 class ServeConfig:
-    model: str = "best"  # a checkpoint, a safetensors export or a shipped name
+    model: str = DEFAULT_MODEL  # a checkpoint, a safetensors export or a shipped name
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 256  # requests waiting for the model; more get 503

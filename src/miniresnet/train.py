@@ -329,7 +329,9 @@ def prepare_data(cfg: TrainConfig) -> TrainingData:
             progress=not cfg.quiet,
         )
     else:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.labels, cfg.verify_data, cfg.download, not cfg.quiet)
+        data = load_dataset(
+            cfg.dataset, cfg.data_dir, cfg.labels, verify=cfg.verify_data, download=cfg.download, progress=not cfg.quiet
+        )
     cfg.validate(train_size=len(data.train_labels))
     n_train = len(data.train_labels) - cfg.val_split
     eval_sets = {"test": (data.test_images, data.test_labels)}
