@@ -4,6 +4,7 @@ export, as a user runs them (through the CLI's main, in process)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -197,6 +198,9 @@ def test_export_is_checked_against_pytorch(trained, tmp_path, capsys, fmt):
     assert result["max_abs_logit_diff"] < 1e-3 and result["top1_agreement"] == 1.0
     assert not list(tmp_path.glob(".*.tmp*"))  # the temporary file was renamed into place, nothing beside it
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("model")] == [out.name]  # one file
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes, not a temp file's 0600
     # It stands alone: moved by itself to another directory, it runs there and gives PyTorch's logits.
     moved = tmp_path / "elsewhere" / out.name
     moved.parent.mkdir()
@@ -208,9 +212,12 @@ def test_export_is_checked_against_pytorch(trained, tmp_path, capsys, fmt):
     if fmt == "onnx":
         onnxruntime = pytest.importorskip("onnxruntime")
         session = onnxruntime.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
+        assert json.loads(session.get_modelmeta().custom_metadata_map["classes"]) == list(CLASSES)
         got = torch.from_numpy(session.run(["logits"], {"images": pixels.numpy()})[0])
     elif fmt == "torchscript":
-        got = torch.jit.load(str(moved))(pixels)
+        about = {"miniresnet.json": ""}
+        got = torch.jit.load(str(moved), _extra_files=about)(pixels)
+        assert json.loads(json.loads(about["miniresnet.json"])["classes"]) == list(CLASSES)
     else:  # what we write, we read: load_model and the CLI take the safetensors file as a checkpoint
         loaded = load_model(moved)
         assert loaded.classes == model.classes and torch.equal(loaded.mean, model.mean)
