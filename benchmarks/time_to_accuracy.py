@@ -13,12 +13,9 @@ import argparse
 import json
 from itertools import accumulate
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from preset_runs import ROOT  # noqa: E402
+from preset_runs import ROOT
 
 
 def curve(run: dict) -> tuple[list[float], list[float]]:
@@ -34,6 +31,7 @@ def curve(run: dict) -> tuple[list[float], list[float]]:
 
 
 def main() -> None:
+    plt.switch_backend("Agg")  # files only: no display needed
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="+", help="results files (benchmarks/results/NAME.json)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "time_to_accuracy.png"))

@@ -5,10 +5,16 @@ from torch import nn
 from miniresnet.model import MiniResNet, ResidualBlock, count_macs, count_parameters
 
 
+def conv(c_in: int, c_out: int) -> int:
+    return 9 * c_in * c_out  # a 3x3 convolution's weights (no bias)
+
+
+def bn(c: int) -> int:
+    return 2 * c  # BatchNorm's scale and shift
+
+
 def expected_counts(widths=(16, 32, 64), blocks=2, classes=10):
     """Parameters and MACs worked out layer by layer from the spec, independently of the model code."""
-    conv = lambda c_in, c_out: 9 * c_in * c_out  # noqa: E731  (3x3, no bias)
-    bn = lambda c: 2 * c  # noqa: E731
     params, macs, side = conv(3, widths[0]) + bn(widths[0]), conv(3, widths[0]) * 32 * 32, 32
     for i, w in enumerate(widths):
         if i:

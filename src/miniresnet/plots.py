@@ -4,6 +4,7 @@ without it every caller gets the same one-line hint instead of a plot."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -16,10 +17,9 @@ NO_MATPLOTLIB = "plots need matplotlib: pip install 'miniresnet[plots]'"
 
 def have_matplotlib() -> bool:
     try:
-        import matplotlib  # noqa: F401
+        return importlib.import_module("matplotlib") is not None
     except ImportError:
         return False
-    return True
 
 
 def _pyplot():
