@@ -133,7 +133,7 @@ def test_a_folder_is_prepared_with_odd_images_listed_and_skipped(tmp_path, capsy
         for c, name in enumerate(data.classes):
             mean = images[labels == c].float().mean((0, 2, 3))
             assert mean.argmax().item() == np.argmax(COLOURS[name])
-    with pytest.raises(MiniResNetError, match="1 of 37 files .* could not be read \\(--strict\\): .*broken.png"):
+    with pytest.raises(MiniResNetError, match="1 of 37 files .* could not be read; fix or remove them: .*broken.png"):
         load_image_folders(tmp_path / "train", None, strict=True, progress=False)
 
 

@@ -127,7 +127,7 @@ def prepared_folder(
         message = f"{len(unreadable)} of {len(files)} files in {root} could not be read"
         shown = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
         if strict:
-            raise MiniResNetError(f"{message} (--strict): {shown}")
+            raise MiniResNetError(f"{message}; fix or remove them: {shown}")
         log(f"{message}, skipped: {shown}")
     return images, labels_t, classes
 
