@@ -19,7 +19,7 @@ from miniresnet import load_model
 from miniresnet.cli import main
 from miniresnet.data import CIFAR100_BIN_DIR, CIFAR100_PY_DIR, RELEASES, download_release, load_cifar100, md5sum
 from miniresnet.errors import MiniResNetError
-from miniresnet.folders import load_image_folders, stratified_holdout
+from miniresnet.folders import folder_dataset, load_image_folders, stratified_holdout
 from miniresnet.train import train
 
 FINE = [f"fine{i:02d}" for i in range(100)]
@@ -221,3 +221,13 @@ def test_a_folder_trained_on_then_predicted_evaluated_exported_and_reported(tmp_
     assert main(["report", str(run)]) == 0
     assert "green" in (run / "report.html").read_text()
     capsys.readouterr()
+
+
+def test_folders_named_directly_or_under_the_data_dir(tmp_path):
+    make_folder(tmp_path / "anywhere" / "mine", per_class=5, odd=False)
+    named = folder_dataset("unused", str(tmp_path / "anywhere" / "mine"), "", test_fraction=0.2, progress=False)
+    assert named.classes == ("blue", "green", "red") and torch.bincount(named.test_labels).tolist() == [1, 1, 1]
+    with pytest.raises(MiniResNetError, match="no image folder in .*expected .*/train/<class>/<images>"):
+        folder_dataset(tmp_path / "anywhere", "", "", progress=False)
+    with pytest.raises(MiniResNetError, match="--train-folder and --test-folder need --dataset folder"):
+        tiny_config(tmp_path, tmp_path / "run", train_folder="x").validate()
