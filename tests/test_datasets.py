@@ -5,6 +5,7 @@ end to end with its own class names."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -153,6 +154,10 @@ def test_the_cache_is_used_and_rebuilt_when_a_file_changes(tmp_path, capsys):
     fewer = load_image_folders(root, None, progress=False)
     assert "decoded and cached" in capsys.readouterr().err
     assert len(fewer.train_labels) + len(fewer.test_labels) == 11
+    for cache in (Path(os.environ["XDG_CACHE_HOME"]) / "miniresnet").glob("folder-*.pt"):
+        cache.write_bytes(b"damaged")  # a damaged cache is decoded again, not trusted
+    again = load_image_folders(root, None, progress=False)
+    assert "decoded and cached" in capsys.readouterr().err and torch.equal(again.train_images, fewer.train_images)
 
 
 def test_holdout_is_stratified_seeded_and_never_takes_a_whole_class():
@@ -231,3 +236,10 @@ def test_folders_named_directly_or_under_the_data_dir(tmp_path):
         folder_dataset(tmp_path / "anywhere", "", "", progress=False)
     with pytest.raises(MiniResNetError, match="--train-folder and --test-folder need --dataset folder"):
         tiny_config(tmp_path, tmp_path / "run", train_folder="x").validate()
+
+
+def test_a_cache_that_cannot_be_written_costs_a_decode_not_the_run(tmp_path, capsys):
+    root = make_folder(tmp_path / "train", per_class=3, odd=False)
+    (tmp_path / "not-a-directory").write_text("")
+    data = load_image_folders(root, None, cache_dir=tmp_path / "not-a-directory", progress=False)
+    assert len(data.train_labels) + len(data.test_labels) == 9 and "not cached" in capsys.readouterr().err

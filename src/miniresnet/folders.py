@@ -99,6 +99,15 @@ def decode_images(files: list[Path], image_size: int, progress: bool) -> tuple[l
     return [results[i] for i in kept], kept, [r for r in results if isinstance(r, str)]
 
 
+def read_cache(path: Path) -> dict | None:
+    """A folder's cached preparation, or None when there is none or it is damaged (rebuilt, never trusted)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        return saved if isinstance(saved, dict) and saved.keys() >= {"images", "labels", "unreadable"} else None
+    except Exception:  # missing, truncated, foreign: all mean "decode again"
+        return None
+
+
 def prepared_folder(
     root: Path, classes: tuple[str, ...] | None, image_size: int, cache_dir: Path, strict: bool, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
@@ -106,30 +115,30 @@ def prepared_folder(
     classes, files, labels = scan_class_folders(root, classes)
     cache = cache_dir / f"folder-{cache_key(root, files, image_size)}.pt"
     started = time.perf_counter()
-    images = None
-    if cache.is_file():
-        try:
-            saved = torch.load(cache, weights_only=True)
-            images, labels_t, unreadable = saved["images"], saved["labels"], saved["unreadable"]
-            log(f"{root}: {len(images):,} images from the cache {cache} ({time.perf_counter() - started:.1f} s)")
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            images = None
-    if images is None:
+    saved = read_cache(cache)
+    if saved is not None:
+        log(f"{root}: {len(saved['images']):,} images from the cache {cache} ({time.perf_counter() - started:.1f} s)")
+    else:
         decoded, kept, unreadable = decode_images(files, image_size, progress)
         if not decoded:
             raise MiniResNetError(f"none of the {len(files)} images in {root} could be read: {unreadable[:3]}")
-        images = torch.stack(decoded)
-        labels_t = torch.tensor([labels[i] for i in kept], dtype=torch.int64)
-        with atomic_path(cache) as tmp:
-            torch.save({"images": images, "labels": labels_t, "unreadable": unreadable}, tmp)
-        log(f"{root}: {len(images):,} images decoded and cached in {cache} ({time.perf_counter() - started:.1f} s)")
-    if unreadable:
+        labels_kept = torch.tensor([labels[i] for i in kept], dtype=torch.int64)
+        saved = {"images": torch.stack(decoded), "labels": labels_kept, "unreadable": unreadable}
+        try:
+            with atomic_path(cache) as tmp:
+                torch.save(saved, tmp)
+            where = f"cached in {cache}"
+        except OSError as e:  # a read-only or full cache directory costs the next run a decode, nothing more
+            where = f"not cached ({cache}: {e.strerror or e})"
+        log(f"{root}: {len(decoded):,} images decoded and {where} ({time.perf_counter() - started:.1f} s)")
+    if saved["unreadable"]:
+        unreadable = saved["unreadable"]
         message = f"{len(unreadable)} of {len(files)} files in {root} could not be read"
         shown = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
         if strict:
             raise MiniResNetError(f"{message}; fix or remove them: {shown}")
         log(f"{message}, skipped: {shown}")
-    return images, labels_t, classes
+    return saved["images"], saved["labels"], classes
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
