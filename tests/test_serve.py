@@ -163,6 +163,24 @@ def test_healthz_answers_while_the_model_works(model_file, monkeypatch):
         worker.join()
 
 
+def test_a_failed_forward_pass_is_a_json_500_and_the_server_carries_on(model_file, monkeypatch):
+    import miniresnet.serve as serve
+
+    classify, calls = serve.classify, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return classify(*args)
+
+    monkeypatch.setattr(serve, "classify", fails_once)
+    with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
+        failed = client.post("/predict", content=png_bytes(), headers={"content-type": "image/png"})
+        assert failed.status_code == 500 and "RuntimeError: out of memory" in failed.json()["error"]
+        assert client.post("/predict", content=png_bytes(), headers={"content-type": "image/png"}).status_code == 200
+
+
 def test_the_page_is_served_whole_with_no_outside_assets(model_file):
     with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
         page = client.get("/")

@@ -228,7 +228,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise RequestError(413, str(e)) from None
         except MiniResNetError as e:
             raise RequestError(400, str(e)) from None
-        ranked = await state["batcher"].submit(prepared)
+        try:
+            ranked = await state["batcher"].submit(prepared)
+        except Exception as e:  # the forward pass failed: this request's answer, not the server's end
+            raise RequestError(500, f"the model could not classify the image: {type(e).__name__}: {e}") from None
         answer = {"top_k": [{"class": c, "probability": p} for c, p in ranked[:top_k]]}
         if image:
             answer["image"] = prepared_png(prepared)
