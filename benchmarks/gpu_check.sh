@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed work, as one command for a machine with a CUDA GPU. From the repo root:
 #
-#     bash benchmarks/gpu_check.sh [RESULTS_DIR]     (default benchmarks/results/gpu)
+#     bash benchmarks/gpu_check.sh [RESULTS_DIR] [CIFAR10_DIR]   (default benchmarks/results/gpu)
 #
 # It needs a python3 with a CUDA build of PyTorch, tqdm and pytest; the package runs from src/.
 # 1. The test suite: every test that trains with device "auto" (most of tests/test_train.py) trains
-#    on the GPU here, and the CUDA-only test runs. 2. `bench` on the GPU: fp32 and bf16 eager, bf16
-#    compiled, and bf16 at batch 512. Everything it prints is also saved in RESULTS_DIR.
+#    on the GPU here, and the CUDA-only tests run (among them: the training steps wait for the GPU
+#    only when their tally is read, in fp32, bf16 and fp16). 2. `bench` on the GPU: fp32 and bf16
+#    eager, bf16 compiled, and bf16 at batch 512. 3. With CIFAR-10 (CIFAR10_DIR, or
+#    $MINIRESNET_CIFAR10): the `seed` and `fast` presets end to end on the GPU, seed 0, with their
+#    wall times. Everything it prints is also saved in RESULTS_DIR.
 set -uo pipefail
 results=${1:-benchmarks/results/gpu}
 mkdir -p "$results"
@@ -19,4 +22,13 @@ bench() { python3 -m miniresnet bench --device cuda --json "$@" | tee -a "$resul
 bench --precision all
 bench --precision bf16 --compile
 bench --precision bf16 --batch-size 512
+data=${2:-${MINIRESNET_CIFAR10:-}}
+if [ -n "$data" ]; then
+    for preset in seed fast; do
+        python3 benchmarks/preset_runs.py --preset "$preset" --seeds 0 --data-dir "$data" --name "gpu-$preset" \
+            -- --device cuda 2>&1 | tee -a "$results/presets.log" || failed=1
+    done
+else
+    echo "no CIFAR-10 given: the end-to-end preset runs are skipped" | tee -a "$results/presets.log"
+fi
 exit $failed

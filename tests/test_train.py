@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import synthetic_images, tiny_config
 from miniresnet.checkpoint import load_checkpoint, load_model
 from miniresnet.config import PRESETS, TrainConfig
 from miniresnet.errors import MiniResNetError
@@ -92,6 +92,110 @@ def test_invalid_values_are_refused(tiny_data, tmp_path, overrides, message):
 def test_diverging_loss_stops_with_advice(tiny_data, tmp_path):
     with pytest.raises(MiniResNetError, match=r"loss became nan at step \d+ of epoch 1 .*Lower --lr"):
         train(tiny_config(tiny_data, tmp_path / "run", epochs=1, lr=1e30))
+
+
+def test_training_steps_wait_for_the_device_only_when_the_tally_is_read():
+    """On a GPU every read-back of a number (`.item()`, `int(tensor)`) waits for the queue of
+    kernels to drain; the steps read back only every READ_EVERY steps and at the epoch's end.
+    Counted on the CPU through aten::_local_scalar_dense, the op behind every such read (the code
+    before the device-side tally did two per step: the loss and the correct count)."""
+    from torch.profiler import profile
+
+    from miniresnet.loader import BatchLoader
+    from miniresnet.model import MiniResNet
+    from miniresnet.runtime import FP32
+    from miniresnet.train import READ_EVERY, build_optimizer, train_steps
+
+    images, labels = synthetic_images(160)
+    steps = 160 // 4
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    data = torch.from_numpy(images), torch.from_numpy(labels).long()
+    loader = BatchLoader(*data, 4, mean, std, shuffle=True, crop_padding=4, flip=True, cutout=8)
+    model = MiniResNet((4, 8, 8), 1)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.01))
+    with profile() as profiler:
+        tallies = [t.step for t in train_steps(model, optimizer, loader, lambda step: 0.01, 0, precision=FP32)]
+    reads = sum(e.count for e in profiler.key_averages() if e.key == "aten::_local_scalar_dense")
+    assert tallies == list(range(1, steps + 1))
+    assert reads == 3 * (steps // READ_EVERY)  # the loss sum, the correct count, the first non-finite step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it on one)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_gpu_steps_wait_for_the_gpu_only_when_the_tally_is_read(precision):
+    """The GPU's view of the test above: CUDA's sync debug mode warns at every operation that makes
+    the host wait for the GPU (read-backs, copies from pageable memory). After the epoch's first
+    step (which moves its random draws and the tally's sums to the GPU), only the reads wait."""
+    import warnings
+
+    from miniresnet.loader import BatchLoader
+    from miniresnet.model import MiniResNet
+    from miniresnet.runtime import resolve_precision
+    from miniresnet.train import READ_EVERY, build_optimizer, train_steps
+
+    cuda = torch.device("cuda")
+    images, labels = synthetic_images(160)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    data = torch.from_numpy(images), torch.from_numpy(labels).long()
+    loader = BatchLoader(*data, 4, mean, std, shuffle=True, crop_padding=4, flip=True, cutout=8, device=cuda)
+    model = MiniResNet((4, 8, 8), 1).to(cuda)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.01))
+    resolved = resolve_precision(precision, cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=resolved.name == "fp16")
+    steps = train_steps(model, optimizer, loader, lambda step: 0.01, 0, precision=resolved, scaler=scaler)
+    next(steps)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            taken = 1 + sum(1 for _ in steps)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert taken == len(loader)
+    assert len(waits) <= 3 * (len(loader) // READ_EVERY), waits
+
+
+@pytest.mark.parametrize("init_scale,taken", [(2.0**100, False), (2.0**10, True)])
+def test_fp16_steps_scale_the_loss_and_skip_a_step_whose_gradients_overflowed(init_scale, taken):
+    """fp16 (on CUDA) trains through a GradScaler: the loss is scaled so that small gradients do not
+    underflow, and a step whose scaled gradients overflowed is skipped and the scale halved. Run
+    here with the CPU's fp16 autocast, which computes the same way."""
+    from miniresnet.loader import BatchLoader
+    from miniresnet.model import MiniResNet
+    from miniresnet.runtime import Precision
+    from miniresnet.train import build_optimizer, train_steps
+
+    images, labels = synthetic_images(40)
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    loader = BatchLoader(torch.from_numpy(images), torch.from_numpy(labels).long(), 20, mean, std, shuffle=True)
+    model = MiniResNet((4, 8, 8), 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    fp16 = Precision("fp16", torch.float16)
+    next(iter(train_steps(model, optimizer, loader, lambda step: 0.1, 0, precision=fp16, scaler=scaler)))
+    changed = not torch.equal(model.fc.weight, before["fc.weight"])
+    assert changed == taken
+    assert scaler.get_scale() == (init_scale if taken else init_scale / 2)
+
+
+def test_checkpoint_carries_the_fp16_loss_scale():
+    from miniresnet.checkpoint import restore_training, training_checkpoint
+    from miniresnet.model import MiniResNet
+    from miniresnet.train import build_optimizer
+
+    model = MiniResNet((4, 8, 8), 1)
+    optimizer = build_optimizer(model, TrainConfig())
+    facts = dict(epoch=1, tally={}, history=[], best_val=-1.0, seconds=1.0, classes=("a",), image_size=32)
+    facts |= dict(mean=torch.zeros(3), std=torch.ones(3), config={}, device=torch.device("cpu"))
+
+    state = training_checkpoint(model, optimizer, None, torch.amp.GradScaler("cpu", init_scale=256.0), **facts)
+    restored = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    restore_training(state, model, optimizer, None, restored, torch.device("cpu"))
+    assert restored.get_scale() == 256.0
+    unscaled = training_checkpoint(model, optimizer, None, torch.amp.GradScaler("cpu", enabled=False), **facts)
+    assert unscaled["scaler"] is None
 
 
 def comparable(metrics: list[dict]) -> list[dict]:

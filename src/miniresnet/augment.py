@@ -50,12 +50,14 @@ def crop_flip(
     by four indices, it halves the loader's time per batch (benchmarks/RESULTS.md has the figures)."""
     n, c, height, width = padded.shape
     pixels = padded.permute(0, 2, 3, 1).reshape(-1, c)
-    offsets = torch.arange(size)
+    device = padded.device
+    dy, dx, mirrored = dy.to(device), dx.to(device), mirrored.to(device)
+    offsets = torch.arange(size, device=device)
     rows = dy[:, None] + offsets
     cols = dx[:, None] + offsets
     cols = torch.where(mirrored[:, None], cols.flip(1), cols)
-    index = (torch.arange(n)[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
-    window = pixels.index_select(0, index.view(-1).to(padded.device))
+    index = (torch.arange(n, device=device)[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]
+    window = pixels.index_select(0, index.view(-1))
     return window.view(n, size, size, c).permute(0, 3, 1, 2)
 
 

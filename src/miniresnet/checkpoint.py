@@ -39,6 +39,7 @@ def training_checkpoint(
     model: MiniResNet,
     optimizer: torch.optim.Optimizer,
     ema: EMA | None,
+    scaler: torch.amp.GradScaler,
     *,
     epoch: int,
     tally: dict,
@@ -55,7 +56,8 @@ def training_checkpoint(
     """What a checkpoint holds. To use the model: `arch`, `weights` (the EMA average when EMA is
     on), `classes`, `image_size` (the side images are prepared at), `mean` and `std`. To continue
     the run exactly: the `config`, `epoch` (finished epochs), the optimizer's `trained_weights`
-    (only when EMA is on: otherwise they are `weights`), the optimizer and EMA states, the current
+    (only when EMA is on: otherwise they are `weights`), the optimizer, EMA and fp16 loss-scaler
+    states, the current
     epoch's `tally` (its step and running sums), the metrics `history`, `best_val`, the `seconds`
     spent so far and the random number generators."""
     return {
@@ -70,6 +72,7 @@ def training_checkpoint(
         "trained_weights": model.state_dict() if ema else None,
         "optimizer": optimizer.state_dict(),
         "ema": ema.state_dict() if ema else None,
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "tally": tally,
         "history": history,
         "best_val": best_val,
@@ -82,13 +85,20 @@ def training_checkpoint(
 
 
 def restore_training(
-    state: dict, model: MiniResNet, optimizer: torch.optim.Optimizer, ema: EMA | None, device: torch.device
+    state: dict,
+    model: MiniResNet,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
 ) -> None:
-    """Put a `training_checkpoint`'s weights, optimizer, EMA and random state back in place."""
+    """Put a `training_checkpoint`'s weights, optimizer, EMA, loss-scaler and random state back in place."""
     model.load_state_dict(state["trained_weights"] if ema else state["weights"])
     optimizer.load_state_dict(state["optimizer"])
     if ema:
         ema.load_state_dict(state["ema"])
+    if scaler.is_enabled() and state.get("scaler"):  # checkpoints from before the scaler have none
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if device.type == "cuda" and state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -36,9 +36,9 @@ def predict_logits(
         x = normalize(images[start : start + batch_size].to(device), mean, std, weights_dtype)
         x = x.contiguous(memory_format=memory_format)
         with autocast(device, precision):
-            out.append(torch.stack([model(v).float() for v in views(x, tta)]).mean(0).cpu())
+            out.append(torch.stack([model(v).float() for v in views(x, tta)]).mean(0))
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out).cpu()  # one copy back at the end: a GPU does not wait after every batch
 
 
 def classify(model: nn.Module, images: torch.Tensor, top_k: int = 3, **options) -> list[list[tuple[str, float]]]:

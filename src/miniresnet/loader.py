@@ -47,7 +47,7 @@ class BatchLoader:
         self.images = pad(images, crop_padding).to(device).contiguous(memory_format=torch.channels_last)
         self.labels = labels.to(device)
         self.batch_size = batch_size
-        self.mean, self.std = mean, std
+        self.mean, self.std = mean.to(device), std.to(device)  # moved once, not with every batch
         self.shuffle, self.crop_padding, self.flip, self.cutout = shuffle, crop_padding, flip, cutout
         self.seed = seed
         self.rank, self.world_size = rank, world_size  # this process takes positions rank, rank + N, ...
@@ -67,17 +67,20 @@ class BatchLoader:
 
     def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches from batch number `start` on."""
+        # Drawn on the CPU (the same numbers on every device), then moved to the data's device once
+        # per epoch: a copy per batch would make a GPU wait for it.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        n = len(self.labels)
+        n, device = len(self.labels), self.labels.device
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        order = order.to(device)
         augment = self.crop_padding > 0 or self.flip
         if augment:
-            dy, dx, mirrored = random_crops(n, 2 * self.crop_padding, self.flip, generator)
+            dy, dx, mirrored = (t.to(device) for t in random_crops(n, 2 * self.crop_padding, self.flip, generator))
         if self.cutout:  # drawn after the crops, so turning it on leaves their stream as it was
-            cy, cx = random_squares(n, self.size, generator)
+            cy, cx = (t.to(device) for t in random_squares(n, self.size, generator))
         for first in range(start * self.batch_size, n, self.batch_size):
-            picked = torch.arange(first + self.rank, min(first + self.batch_size, n), self.world_size)
-            index = order[picked].to(self.labels.device)
+            picked = torch.arange(first + self.rank, min(first + self.batch_size, n), self.world_size, device=device)
+            index = order[picked]
             images = self.images[index]
             if augment:
                 images = crop_flip(images, self.size, dy[picked], dx[picked], mirrored[picked])

@@ -62,18 +62,66 @@ from .runtime import (
 
 
 class NonFiniteLoss(MiniResNetError):
-    """The training loss became NaN or infinite; the step was not taken."""
+    """The training loss became NaN or infinite at `step` (of its epoch, counted from 1)."""
+
+    def __init__(self, step: int, value: str) -> None:
+        super().__init__(f"the training loss became {value} at step {step}")
+        self.step, self.value = step, value
+
+
+# Steps between read-backs of an epoch's running sums: the progress bar's cadence, and the most
+# steps a NaN loss can go unnoticed (it is always noticed before a checkpoint is written).
+READ_EVERY = 20
 
 
 @dataclass
 class EpochTally:
     """The current epoch's progress and running sums; mid-epoch checkpoints carry it, so a resumed
-    epoch starts at the right batch and reports the same loss and accuracy as an unbroken one."""
+    epoch starts at the right batch and reports the same loss and accuracy as an unbroken one.
+
+    `add` keeps the sums on the training device: reading a number back each step would make a GPU
+    wait for its queue of kernels every step. `read` brings them back (`loss_sum` and `correct`
+    are as of the last read) and raises NonFiniteLoss if a loss since the last read was not finite.
+    The float64 sum adds the same numbers in the same order as a sum on the host would."""
 
     step: int = 0
     loss_sum: float = 0.0
     correct: int = 0
     seen: int = 0
+    on_device: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count one step's batch: its mean loss, its predictions and its labels."""
+        loss = loss.detach()
+        if self.on_device is None:
+            device = loss.device
+            self.on_device = {
+                "loss_sum": torch.tensor(self.loss_sum, dtype=torch.float64, device=device),
+                "correct": torch.tensor(self.correct, dtype=torch.int64, device=device),
+                "first_bad_step": torch.tensor(-1, dtype=torch.int64, device=device),
+                "bad_loss": torch.tensor(0.0, dtype=torch.float64, device=device),
+            }
+        sums = self.on_device
+        self.step += 1
+        self.seen += len(labels)
+        sums["loss_sum"] += loss.double() * len(labels)
+        sums["correct"] += (logits.argmax(1) == labels).sum()
+        first_bad = ~torch.isfinite(loss) & (sums["first_bad_step"] < 0)
+        sums["first_bad_step"] = torch.where(first_bad, self.step, sums["first_bad_step"])
+        sums["bad_loss"] = torch.where(first_bad, loss.double(), sums["bad_loss"])
+
+    def read(self, ddp: Distributed = Distributed()) -> EpochTally:
+        """Bring the sums back to the host (one wait for the device). Every process calls it at the
+        same steps: if any process's loss was not finite, all of them raise NonFiniteLoss."""
+        if self.on_device is None:
+            return self
+        sums = self.on_device
+        self.loss_sum, self.correct = sums["loss_sum"].item(), sums["correct"].item()
+        mine = sums["first_bad_step"].item()
+        earliest = -ddp.max(-mine if mine > 0 else -math.inf)  # the first bad step of any process
+        if math.isfinite(earliest):
+            raise NonFiniteLoss(int(earliest), f"{sums['bad_loss'].item()}" if mine > 0 else "non-finite")
+        return self
 
 
 @dataclass
@@ -157,6 +205,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         model = sync_batchnorm(model)
     model_to_train = wrap_for_training(model, cfg.compile, ddp, device)
     optimizer = build_optimizer(model, cfg)
+    # fp16 (CUDA only) needs its loss scaled, or small gradients underflow to zero; off otherwise.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
     ema = EMA(model, cfg.ema) if cfg.ema else None
     model_to_use = ema.model if ema else model
 
@@ -164,7 +214,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     progress = Progress()
     if saved:
         progress = restore_progress(saved, ddp)
-        restore_training(saved, model, optimizer, ema, device)
+        restore_training(saved, model, optimizer, ema, scaler, device)
         step = progress.tally.step
         say(f"resuming {out} after epoch {saved['epoch']}" + (f", step {step}" if step else ""))
     elif ddp.is_main:
@@ -194,7 +244,9 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     )
 
     def checkpoint(epochs_done: int, tally: EpochTally) -> dict:
-        """The checkpoint's contents; every process calls this (the epoch's sums are added up across them)."""
+        """The checkpoint's contents; every process calls this (the epoch's sums are added up across
+        them). Reading the tally first means a non-finite loss raises here, before it is saved."""
+        tally.read(ddp)
         loss_sum, correct, seen = ddp.sum([tally.loss_sum, tally.correct, tally.seen])
         summed = {"step": tally.step, "loss_sum": loss_sum, "correct": int(correct), "seen": int(seen)}
         seconds = progress.earlier_seconds + time.perf_counter() - started
@@ -202,6 +254,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             model,
             optimizer,
             ema,
+            scaler,
             epoch=epochs_done,
             tally=summed,
             history=progress.history,
@@ -239,21 +292,28 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                 precision=precision,
                 label_smoothing=cfg.label_smoothing,
                 ema=ema,
+                scaler=scaler,
                 ddp=ddp,
                 progress_bar=None if cfg.quiet or not ddp.is_main else f"epoch {epoch + 1}/{cfg.epochs}",
             )
             try:
                 for tally in steps:
-                    stop = agreed_stop(signals, ddp)
+                    stop = agreed_stop(signals, ddp, tally.step, len(loader))
                     mid_epoch_save = cfg.checkpoint_every and tally.step % cfg.checkpoint_every == 0
                     if stop or (mid_epoch_save and tally.step < len(loader)):
                         save(out / "last.pt", checkpoint(epoch, tally), ddp)
                     if stop:
                         raise TrainingInterrupted(stop, out, epoch, tally.step)
             except NonFiniteLoss as e:
+                lr = lr_at_step(epoch * len(loader) + e.step - 1)
                 kept = f"; the last good checkpoint is {out / 'last.pt'}" if (out / "last.pt").exists() else ""
-                raise MiniResNetError(f"{e}{kept}") from None
+                raise MiniResNetError(
+                    f"{e} of epoch {epoch + 1} (lr {lr:.3g}, {precision.name}). Lower --lr or add --warmup"
+                    + (", or use --precision fp32" if precision.autocast else "")
+                    + kept
+                ) from None
             train_seconds = time.perf_counter() - epoch_start
+            tally.read(ddp)
             loss_sum, correct, seen = ddp.sum([tally.loss_sum, tally.correct, tally.seen])
             progress.tally = EpochTally()
 
@@ -283,7 +343,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                     tensorboard.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
                 tensorboard.flush()
             say(epoch_line(record, cfg.epochs))
-            stop = agreed_stop(signals, ddp)
+            stop = agreed_stop(signals, ddp, 0, 0)
             if stop and not last:  # this epoch's checkpoint is saved already
                 raise TrainingInterrupted(stop, out, epoch + 1, 0)
     if tensorboard:
@@ -397,14 +457,18 @@ def train_steps(
     precision: Precision,
     label_smoothing: float = 0.0,
     ema: EMA | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     ddp: Distributed = Distributed(),
     progress_bar: str | None = None,
 ) -> Iterator[EpochTally]:
     """One pass over the shuffled, augmented training set from batch `tally.step` on: sets the lr,
     takes an optimizer step and yields the updated tally after each batch, so that the caller
-    decides about checkpoints and stopping between steps. A non-finite loss stops the run before
-    its step is taken, so the last checkpoint stays good."""
+    decides about checkpoints and stopping between steps. Nothing is read back from the device
+    between reads of the tally (see EpochTally), so a GPU never waits for the host. A non-finite
+    loss raises NonFiniteLoss at the next read, before any checkpoint holds its weights. With fp16,
+    `scaler` scales the loss so that small gradients do not underflow."""
     tally = tally or EpochTally()
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     model.train()
     bar = tqdm(
         loader.batches(tally.step),
@@ -425,33 +489,31 @@ def train_steps(
         with autocast(x.device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        value = loss.item()
-        if ddp.max(0.0 if math.isfinite(value) else 1.0):  # any process's loss: all stop
-            raise NonFiniteLoss(
-                f"the training loss became {value} at step {tally.step + 1} of epoch {epoch + 1} "
-                f"(lr {lr:.3g}, {precision.name}). Lower --lr or add --warmup"
-                + (", or use --precision fp32" if precision.autocast else "")
-            )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # with fp16: skipped when a gradient overflowed; else optimizer.step()
+        scaler.update()
         if ema:
             ema.update()
-        tally.step += 1
-        tally.loss_sum += value * len(y)
-        tally.correct += int((logits.argmax(1) == y).sum())
-        tally.seen += len(y)
-        if tally.step % 20 == 0 and progress_bar is not None:
-            rate = (tally.seen - seen_before) / (time.perf_counter() - start)
-            bar.set_postfix(
-                loss=f"{tally.loss_sum / tally.seen:.3f}", acc=f"{tally.correct / tally.seen:.3f}", img_s=f"{rate:.0f}"
-            )
+        tally.add(loss, logits, y)
+        if tally.step % READ_EVERY == 0 or tally.step == len(loader):
+            tally.read(ddp)
+            if progress_bar is not None:
+                rate = (tally.seen - seen_before) / (time.perf_counter() - start)
+                bar.set_postfix(
+                    loss=f"{tally.loss_sum / tally.seen:.3f}",
+                    acc=f"{tally.correct / tally.seen:.3f}",
+                    img_s=f"{rate:.0f}",
+                )
         yield tally
 
 
-def agreed_stop(signals: StopSignals, ddp: Distributed) -> int | None:
+def agreed_stop(signals: StopSignals, ddp: Distributed, step: int, steps: int) -> int | None:
     """The signal that asks this run to stop, if any process received one: all processes agree,
-    so they all stop after the same step."""
+    so they all stop after the same step. One process looks after every step; several agree every
+    READ_EVERY steps and at the epoch's end, since agreeing is a collective (a wait on a GPU)."""
+    if ddp.enabled and step % READ_EVERY and step != steps:
+        return None
     return int(ddp.max(signals.received or 0)) or None
 
 
