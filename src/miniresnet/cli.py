@@ -227,7 +227,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .runtime import set_threads
 
     set_threads(args.threads)
-    size = load_model(args.checkpoint).image_size
+    model = load_model(args.checkpoint)
+    size = model.image_size
     if args.image_folder:  # the check's images; their labels do not matter
         import torch
 
@@ -243,7 +244,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .data import load_cifar10
 
         images = load_cifar10(args.data_dir, verify=args.verify_data).test_images[: args.check_images]
-    result = export(args.checkpoint, args.format, args.out, images)
+    result = export(model, args.format, args.out, images)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -299,10 +300,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         threads=args.threads,
     )
-    from .checkpoint import read_model
+    from .checkpoint import load_model
 
-    read_model(args.model)  # a wrong name or path is one error line now, not a traceback from the server
-    serve(config, args.host, args.port)
+    model = load_model(args.model)  # before the server starts: a wrong name or path is one line, no traceback
+    serve(config, args.host, args.port, model)
     return 0
 
 

@@ -127,12 +127,12 @@ def _write_safetensors(wrapped: NormalizedModel, path: Path, about: dict[str, st
 
 
 @torch.no_grad()
-def export(checkpoint: str | Path, fmt: str, out: str | Path, images: torch.Tensor) -> dict:
-    """Write `out` in `fmt` and compare its logits with PyTorch's on `images` (uint8, N x 3 x S x S).
-    The file is written beside `out` and renamed into place only when the check passes."""
+def export(model: MiniResNet, fmt: str, out: str | Path, images: torch.Tensor) -> dict:
+    """Write `model` (a `load_model` result) to `out` in `fmt` and compare its logits with PyTorch's
+    on `images` (uint8, N x 3 x S x S). The file is written beside `out` and renamed into place only
+    when the check passes."""
     if fmt not in FORMATS:
         raise MiniResNetError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    model = load_model(checkpoint)
     wrapped = NormalizedModel(model, model.mean, model.std).eval()
     x = images.float() / 255
     expected = wrapped(x)

@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from torch import nn
 
 from .checkpoint import load_model
 from .errors import MiniResNetError
@@ -178,17 +179,18 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     return data
 
 
-def create_app(config: ServeConfig) -> FastAPI:
+def create_app(config: ServeConfig, model: nn.Module | None = None) -> FastAPI:
+    """The app serving `model` (a `load_model` result), or `config.model` loaded at start-up."""
     metrics = Metrics(config.max_batch)
     state: dict = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         set_threads(config.threads)
-        model = await asyncio.to_thread(load_model, config.model)
-        state["model"], state["batcher"] = model, Batcher(model, config, metrics)
+        loaded = model if model is not None else await asyncio.to_thread(load_model, config.model)
+        state["model"], state["batcher"] = loaded, Batcher(loaded, config, metrics)
         task = asyncio.create_task(state["batcher"].run())
-        print(f"miniresnet: {config.model} loaded ({len(model.classes)} classes)", file=sys.stderr, flush=True)
+        print(f"miniresnet: {config.model} loaded ({len(loaded.classes)} classes)", file=sys.stderr, flush=True)
         yield
         task.cancel()
         state["batcher"].worker.shutdown(wait=False)
@@ -255,8 +257,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, model: nn.Module | None = None) -> None:
     import uvicorn
 
     print(f"miniresnet: serving {config.model} on http://{host}:{port}/ (API docs: /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(config, model), host=host, port=port, log_level="warning")
