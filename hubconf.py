@@ -8,7 +8,7 @@ dependencies = ["torch"]
 
 
 def mini_resnet(pretrained: bool = False, weights: str | None = None, **kwargs):
-    """The Mini-ResNet. pretrained=True: the shipped model named `weights` (default: "seed"; `miniresnet
+    """The Mini-ResNet. pretrained=True: the shipped model named `weights` (default: "best"; `miniresnet
     models` lists them), in eval mode, with .classes, .mean and .std (the same module
     `miniresnet.load_model(weights)` returns); otherwise an untrained MiniResNet(**kwargs) (widths,
     blocks_per_stage, num_classes)."""

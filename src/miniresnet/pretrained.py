@@ -15,7 +15,7 @@ from .errors import MiniResNetError
 from .files import hexdigest
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "seed"  # what `serve` and torch.hub load when no model is named
+DEFAULT_MODEL = "best"  # what `serve` and torch.hub load when no model is named
 
 
 def shipped_cards() -> dict[str, dict]:
