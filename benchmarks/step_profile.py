@@ -1,0 +1,78 @@
+"""Where a training step's time goes on this CPU: `torch.profiler` over the seed recipe's step
+(batch 100, Adam, the loader included), self time per operator, grouped into convolutions,
+BatchNorm, ReLU, adds and the rest.
+
+    python benchmarks/step_profile.py [--steps 20] [--precision fp32] [--nchw] [--json]
+
+Self time is each operator's own time, without what it calls, so the groups add up to the whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from cpu_choices import StepTimer
+from miniresnet.config import PRESETS
+from miniresnet.runtime import describe_machine, set_threads
+
+GROUPS = {  # the first group whose words appear in an operator's name takes its time
+    "convolution backward": ("convolution_backward",),
+    "convolution forward": ("convolution", "conv2d"),
+    "BatchNorm": ("batch_norm",),
+    "ReLU": ("relu", "threshold_backward"),
+    "residual adds": ("aten::add",),
+}
+
+
+def group_of(name: str) -> str:
+    for group, words in GROUPS.items():
+        if any(word in name for word in words):
+            return group
+    return "the rest (loader, loss, optimizer, allocation)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    threads = set_threads(0)
+    cfg = dataclasses.replace(PRESETS["seed"], precision=args.precision, channels_last=not args.nchw)
+    timer = StepTimer(cfg, args.steps)
+    timer()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        images_per_sec = timer()
+    seconds: dict[str, float] = {}
+    for event in profiler.key_averages():
+        group = group_of(event.key)
+        seconds[group] = seconds.get(group, 0.0) + event.self_cpu_time_total / 1e6
+    total = sum(seconds.values())
+    shares = {group: round(s / total, 4) for group, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
+    result = {
+        "machine": describe_machine(torch.device("cpu")),
+        "threads": threads,
+        "precision": args.precision,
+        "memory_format": "NCHW" if args.nchw else "channels_last",
+        "steps": args.steps,
+        "images_per_sec_while_profiled": round(images_per_sec, 1),
+        "shares": shares,
+        "convolution_share": round(sum(v for k, v in shares.items() if k.startswith("convolution")), 4),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result["machine"]))
+        for group, share in shares.items():
+            print(f"{group:>48}: {share:6.1%}")
+        print(f"{'convolutions':>48}: {result['convolution_share']:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
