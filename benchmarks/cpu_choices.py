@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import statistics
-import time
 
 import torch
 
-from miniresnet.bench import MEAN, STD, synthetic_data
+from miniresnet.bench import StepTimer
 from miniresnet.config import PRESETS
-from miniresnet.loader import BatchLoader
-from miniresnet.model import MiniResNet
-from miniresnet.runtime import describe_machine, resolve_precision, set_threads
-from miniresnet.train import build_optimizer, learning_rate, train_steps
+from miniresnet.runtime import describe_machine, set_threads
 
 VARIANTS = {
     "channels_last eager (default)": dict(channels_last=True, compile=False),
@@ -33,33 +28,6 @@ VARIANTS = {
     "channels_last compiled": dict(channels_last=True, compile=True),
     "NCHW compiled": dict(channels_last=False, compile=True),
 }
-
-
-class StepTimer:
-    """Trains `steps` batches of `cfg`'s step on a model of its own per call; returns images/s."""
-
-    def __init__(self, cfg, steps: int) -> None:
-        images, labels = synthetic_data(cfg.batch_size * steps)
-        options = dict(shuffle=True, crop_padding=4, flip=True, channels_last=cfg.channels_last)
-        self.loader = BatchLoader(images, labels, cfg.batch_size, MEAN, STD, **options)
-        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.model = MiniResNet(cfg.widths, cfg.blocks_per_stage).to(memory_format=memory_format)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.precision = resolve_precision(cfg.precision, torch.device("cpu"))
-        self.model_to_train = torch.compile(self.model) if cfg.compile else self.model
-        self.lr_at_step = functools.partial(learning_rate, cfg, steps_per_epoch=len(self.loader))
-        self.epoch = 0
-
-    def __call__(self) -> float:
-        self.loader.set_epoch(self.epoch)
-        start = time.perf_counter()
-        steps = train_steps(
-            self.model_to_train, self.optimizer, self.loader, self.lr_at_step, self.epoch, precision=self.precision
-        )
-        for _ in steps:
-            pass
-        self.epoch += 1
-        return len(self.loader.labels) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -71,7 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     threads = set_threads(0)
     base = dataclasses.replace(PRESETS["seed"], precision=args.precision)
-    runners = {name: StepTimer(dataclasses.replace(base, **v), args.steps) for name, v in VARIANTS.items()}
+    cpu = torch.device("cpu")
+    runners = {name: StepTimer(dataclasses.replace(base, **v), args.steps, cpu) for name, v in VARIANTS.items()}
     for run in runners.values():
         run()  # warm-up (and compilation)
     rates: dict[str, list[float]] = {name: [] for name in runners}
@@ -82,7 +51,7 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in rates.items()}
     default = medians["channels_last eager (default)"]
     result = {
-        "machine": describe_machine(torch.device("cpu")),
+        "machine": describe_machine(cpu),
         "threads": threads,
         "precision": args.precision,
         "steps": args.steps,

@@ -16,7 +16,7 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cpu_choices import StepTimer
+from miniresnet.bench import StepTimer
 from miniresnet.config import PRESETS
 from miniresnet.runtime import describe_machine, set_threads
 
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = set_threads(0)
     cfg = dataclasses.replace(PRESETS["seed"], precision=args.precision, channels_last=not args.nchw)
-    timer = StepTimer(cfg, args.steps)
+    timer = StepTimer(cfg, args.steps, torch.device("cpu"))
     timer()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         images_per_sec = timer()

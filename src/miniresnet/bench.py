@@ -53,47 +53,47 @@ def _model(cfg: TrainConfig, device: torch.device) -> MiniResNet:
     return MiniResNet(cfg.widths, cfg.blocks_per_stage).to(device, memory_format=memory_format)
 
 
-def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.device) -> list[float]:
-    """Images/s of `train_steps` (the loop `miniresnet train` runs: batched crop/flip, normalisation,
-    forward, backward, the preset's optimizer and lr schedule) over `steps` batches, once per repeat
-    after a warm-up."""
-    images, labels = synthetic_data(cfg.batch_size * steps)
-    loader = BatchLoader(
-        images,
-        labels,
-        cfg.batch_size,
-        MEAN,
-        STD,
-        shuffle=True,
-        crop_padding=cfg.crop_padding,
-        flip=cfg.flip,
-        device=device,
-        channels_last=cfg.channels_last,
-    )
-    model = _model(cfg, device)
-    optimizer = build_optimizer(model, cfg)
-    precision = resolve_precision(cfg.precision, device)
-    model_to_train = torch.compile(model) if cfg.compile else model  # compiled during the warm-up pass
-    lr_at_step = functools.partial(learning_rate, cfg, steps_per_epoch=len(loader))
-    rates = []
-    for repeat in range(repeats + 1):  # the first pass is warm-up
-        loader.set_epoch(repeat)
-        synchronize(device)
+class StepTimer:
+    """The loop `miniresnet train` runs (`train_steps`: batched crop/flip, normalisation, forward,
+    backward, the preset's optimizer and lr schedule) on a model of its own: each call trains
+    `steps` batches of synthetic images, one more epoch, and returns its images/s."""
+
+    def __init__(self, cfg: TrainConfig, steps: int, device: torch.device) -> None:
+        images, labels = synthetic_data(cfg.batch_size * steps)
+        options = dict(shuffle=True, crop_padding=cfg.crop_padding, flip=cfg.flip, channels_last=cfg.channels_last)
+        self.loader = BatchLoader(images, labels, cfg.batch_size, MEAN, STD, device=device, **options)
+        self.model = _model(cfg, device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.precision = resolve_precision(cfg.precision, device)
+        self.model_to_train = torch.compile(self.model) if cfg.compile else self.model  # compiled on the first call
+        self.lr_at_step = functools.partial(learning_rate, cfg, steps_per_epoch=len(self.loader))
+        self.label_smoothing, self.device, self.epoch = cfg.label_smoothing, device, 0
+
+    def __call__(self) -> float:
+        self.loader.set_epoch(self.epoch)
+        synchronize(self.device)
         start = time.perf_counter()
-        for _ in train_steps(
-            model_to_train,
-            optimizer,
-            loader,
-            lr_at_step,
-            repeat,
-            precision=precision,
-            label_smoothing=cfg.label_smoothing,
-        ):
+        steps = train_steps(
+            self.model_to_train,
+            self.optimizer,
+            self.loader,
+            self.lr_at_step,
+            self.epoch,
+            precision=self.precision,
+            label_smoothing=self.label_smoothing,
+        )
+        for _ in steps:
             pass
-        synchronize(device)
-        if repeat:
-            rates.append(len(labels) / (time.perf_counter() - start))
-    return rates
+        synchronize(self.device)
+        self.epoch += 1
+        return len(self.loader.labels) / (time.perf_counter() - start)
+
+
+def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.device) -> list[float]:
+    """Images/s of the training loop (see StepTimer) over `steps` batches, once per repeat after a warm-up."""
+    timer = StepTimer(cfg, steps, device)
+    timer()  # warm-up
+    return [timer() for _ in range(repeats)]
 
 
 def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> list[float]:

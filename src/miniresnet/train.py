@@ -298,7 +298,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             )
             try:
                 for tally in steps:
-                    stop = agreed_stop(signals, ddp, tally.step, len(loader))
+                    stop = agreed_stop(signals, ddp, due=read_due(tally.step, len(loader)))
                     mid_epoch_save = cfg.checkpoint_every and tally.step % cfg.checkpoint_every == 0
                     if stop or (mid_epoch_save and tally.step < len(loader)):
                         save(out / "last.pt", checkpoint(epoch, tally), ddp)
@@ -343,7 +343,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                     tensorboard.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
                 tensorboard.flush()
             say(epoch_line(record, cfg.epochs))
-            stop = agreed_stop(signals, ddp, 0, 0)
+            stop = agreed_stop(signals, ddp)
             if stop and not last:  # this epoch's checkpoint is saved already
                 raise TrainingInterrupted(stop, out, epoch + 1, 0)
     if tensorboard:
@@ -496,7 +496,7 @@ def train_steps(
         if ema:
             ema.update()
         tally.add(loss, logits, y)
-        if tally.step % READ_EVERY == 0 or tally.step == len(loader):
+        if read_due(tally.step, len(loader)):
             tally.read(ddp)
             if progress_bar is not None:
                 rate = (tally.seen - seen_before) / (time.perf_counter() - start)
@@ -508,11 +508,16 @@ def train_steps(
         yield tally
 
 
-def agreed_stop(signals: StopSignals, ddp: Distributed, step: int, steps: int) -> int | None:
+def read_due(step: int, steps: int) -> bool:
+    """Whether the tally is read after step `step` (counted from 1) of an epoch of `steps`."""
+    return step % READ_EVERY == 0 or step == steps
+
+
+def agreed_stop(signals: StopSignals, ddp: Distributed, due: bool = True) -> int | None:
     """The signal that asks this run to stop, if any process received one: all processes agree,
-    so they all stop after the same step. One process looks after every step; several agree every
-    READ_EVERY steps and at the epoch's end, since agreeing is a collective (a wait on a GPU)."""
-    if ddp.enabled and step % READ_EVERY and step != steps:
+    so they all stop after the same step. One process looks after every step; several agree only
+    when `due` (at the tally's reads), since agreeing is a collective (a wait on a GPU)."""
+    if ddp.enabled and not due:
         return None
     return int(ddp.max(signals.received or 0)) or None
 
