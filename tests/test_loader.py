@@ -74,3 +74,23 @@ def test_cutout_blanks_one_square_per_image_and_leaves_the_crops_as_they_were():
         assert torch.all(xc.permute(0, 2, 3, 1)[changed] == 0)  # blanked to the mean
         per_image = changed.flatten(1).sum(1)
         assert per_image.max() <= 8 * 8 and per_image.sum() > 0
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    # Each image is a left-to-right ramp tagged by its label, so a mirrored one is recognisable.
+    n = 50
+    ramp = torch.arange(32, dtype=torch.uint8).view(1, 1, 1, 32).expand(n, 3, 32, 32).contiguous()
+    loader = BatchLoader(ramp, torch.arange(n), 10, MEAN, STD, shuffle=True, flip=True, alternate_flip=True, seed=5)
+
+    def mirrored_in(epoch):
+        loader.set_epoch(epoch)
+        flags = {}
+        for x, y in loader:
+            for image, label in zip(x, y, strict=True):
+                flags[int(label)] = bool(image[0, 0, 0] > image[0, 0, -1])  # a mirrored ramp falls
+        return [flags[i] for i in range(n)]
+
+    epochs = [mirrored_in(e) for e in range(4)]
+    assert 10 < sum(epochs[0]) < 40  # a coin toss per image in the first epoch
+    assert all(a != b for a, b in zip(epochs[0], epochs[1], strict=True))  # the other way in the next
+    assert epochs[2] == epochs[0] and epochs[3] == epochs[1]

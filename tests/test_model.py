@@ -73,3 +73,22 @@ def test_count_macs_restores_training_mode():
     model = MiniResNet().train()
     count_macs(model)
     assert model.training
+
+
+def test_whitened_stem_filters_decorrelate_the_patches_largest_directions_first():
+    from miniresnet.model import whiten_stem
+
+    generator = torch.Generator().manual_seed(0)
+    # Patches dominated by each image's brightness, plus small per-pixel noise.
+    images = torch.randn(64, 1, 1, 1, generator=generator, dtype=torch.float64) * 3
+    images = images + 0.3 * torch.randn(64, 3, 12, 12, generator=generator, dtype=torch.float64)
+    model = MiniResNet().double()
+    whiten_stem(model, images)
+    weight = model.features[0][0].weight.detach()
+    k = weight.shape[0] // 2
+    assert torch.equal(weight[k:], -weight[:k])
+    outputs = torch.nn.functional.conv2d(images, weight[:k]).permute(1, 0, 2, 3).reshape(k, -1)
+    covariance = torch.cov(outputs)
+    assert torch.allclose(covariance, torch.eye(k, dtype=torch.float64), atol=1e-2)
+    first = weight[0].reshape(-1)  # the brightness direction: all 27 weights equal
+    assert torch.allclose(first / first.norm(), torch.full_like(first, 27**-0.5) * first.sign()[0], atol=1e-2)

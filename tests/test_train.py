@@ -9,6 +9,7 @@ from conftest import synthetic_images, tiny_config
 from miniresnet.checkpoint import load_checkpoint, load_model
 from miniresnet.config import PRESETS, TrainConfig
 from miniresnet.errors import MiniResNetError
+from miniresnet.model import whiten_stem
 from miniresnet.rundir import TrainingInterrupted
 from miniresnet.train import learning_rate, train
 
@@ -65,6 +66,23 @@ def test_same_seed_same_result(tiny_data, tmp_path):
     assert a["test_loss"] == b["test_loss"]
     sa, sb = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert all(torch.equal(sa["weights"][k], sb["weights"][k]) for k in sa["weights"])
+
+
+def test_whitened_stem_starts_from_the_normalised_training_images(tiny_data, tmp_path, monkeypatch):
+    import miniresnet.train as train_module
+
+    seen = []
+
+    def spy(model, images):
+        seen.append(images)
+        whiten_stem(model, images)
+
+    monkeypatch.setattr(train_module, "whiten_stem", spy)
+    summary = train(tiny_config(tiny_data, tmp_path / "run", epochs=2, stem_init="whitened", alternate_flip=True))
+    (images,) = seen
+    assert images.shape == (200, 3, 32, 32) and images.dtype == torch.float32
+    assert images.mean(dim=(0, 2, 3)).abs().max() < 1e-3  # normalised with the training set's statistics
+    assert summary["test_acc"] > 0.2
 
 
 def test_existing_run_dir_is_refused_unless_overwrite(tiny_data, tmp_path):

@@ -44,6 +44,13 @@ class TrainConfig:
     zero_init_residual: bool = _opt(
         False, "start each block's last BatchNorm scale at 0: every block begins as the identity"
     )
+    stem_init: str = _opt(
+        "default",
+        "default (PyTorch's), or whitened: the first convolution starts as the principal "
+        "directions of the training images' 3x3 patches, each scaled to unit variance, and their "
+        "negatives (an initialisation only: the network is unchanged)",
+        choices=("default", "whitened"),
+    )
     downscale_epochs: int = _opt(
         0,
         "progressive resizing: train the first N epochs on images scaled down to "
@@ -52,6 +59,11 @@ class TrainConfig:
     downscale_size: int = _opt(24, "the image size of the first --downscale-epochs epochs")
     crop_padding: int = _opt(4, "random-crop augmentation: zero padding on each side (0 = no crop)")
     flip: bool = _opt(True, "random horizontal flip augmentation")
+    alternate_flip: bool = _opt(
+        False,
+        "flip: mirror each image in every other epoch (which ones is a fixed coin toss per image) "
+        "instead of at random, so each image is seen both ways every two epochs",
+    )
     cutout: int = _opt(
         0,
         "cutout augmentation: blank a square this many pixels wide at a random place in each "

@@ -32,6 +32,7 @@ class BatchLoader:
         shuffle: bool = False,
         crop_padding: int = 0,
         flip: bool = False,
+        alternate_flip: bool = False,
         cutout: int = 0,
         seed: int = 0,
         device: torch.device | str = "cpu",
@@ -49,6 +50,11 @@ class BatchLoader:
         self.batch_size = batch_size
         self.mean, self.std = mean.to(device), std.to(device)  # moved once, not with every batch
         self.shuffle, self.crop_padding, self.flip, self.cutout = shuffle, crop_padding, flip, cutout
+        # Alternating flip: each image gets a fixed coin toss (from the seed alone) and is mirrored
+        # in the epochs of one parity only, so every two epochs it is seen both ways.
+        self.first_mirrored = None
+        if flip and alternate_flip:
+            self.first_mirrored = torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5
         self.seed = seed
         self.rank, self.world_size = rank, world_size  # this process takes positions rank, rank + N, ...
         self.epoch = 0
@@ -72,10 +78,12 @@ class BatchLoader:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n, device = len(self.labels), self.labels.device
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        order = order.to(device)
         augment = self.crop_padding > 0 or self.flip
         if augment:
-            dy, dx, mirrored = (t.to(device) for t in random_crops(n, 2 * self.crop_padding, self.flip, generator))
+            dy, dx, mirrored = random_crops(n, 2 * self.crop_padding, self.flip, generator)
+            if self.first_mirrored is not None:  # by image, not by position in the epoch
+                mirrored = self.first_mirrored[order] ^ bool(self.epoch % 2)
+            dy, dx, mirrored = dy.to(device), dx.to(device), mirrored.to(device)
         if self.cutout:  # drawn after the crops, so turning it on leaves their stream as it was
             cy, cx = (t.to(device) for t in random_squares(n, self.size, generator))
         for first in range(start * self.batch_size, n, self.batch_size):

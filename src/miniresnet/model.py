@@ -4,6 +4,7 @@ stride-2 convolutions, global average pooling and one linear layer."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -74,6 +75,32 @@ class MiniResNet(nn.Module):
             "blocks_per_stage": self.blocks_per_stage,
             "num_classes": self.fc.out_features,
         }
+
+
+def whiten_stem(model: MiniResNet, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Start the stem convolution from the data: its filters become the principal directions of
+    the kxk patches of `images` (normalised, N x C x H x W), largest variance first, each scaled so
+    its output has unit variance, followed by their negatives (after BatchNorm and ReLU, each
+    direction then passes both its positive and its negative part). Filters beyond twice the patch
+    dimension keep their initialisation. Computed in float64, so every CPU gets the same filters."""
+    conv = model.features[0][0]
+    c_out, c_in, kh, kw = conv.weight.shape
+    dims = c_in * kh * kw
+    second_moment = torch.zeros(dims, dims, dtype=torch.float64)
+    total = torch.zeros(dims, dtype=torch.float64)
+    count = 0
+    for chunk in images.split(256):
+        patches = F.unfold(chunk.double(), (kh, kw)).transpose(1, 2).reshape(-1, dims)  # patches inside the image
+        second_moment += patches.T @ patches
+        total += patches.sum(0)
+        count += len(patches)
+    mean = total / count
+    covariance = second_moment / count - torch.outer(mean, mean)
+    variances, directions = torch.linalg.eigh(covariance)  # ascending
+    k = min(c_out // 2, dims)
+    top = directions[:, -k:].flip(1).T / (variances[-k:].flip(0) + eps).sqrt()[:, None]
+    with torch.no_grad():
+        conv.weight[: 2 * k] = torch.cat([top, -top]).view(2 * k, c_in, kh, kw).to(conv.weight.dtype)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .augment import channel_stats
+from .augment import channel_stats, normalize
 from .checkpoint import restore_training, save_checkpoint, training_checkpoint
 from .config import TrainConfig
 from .data import load_dataset
@@ -39,7 +39,7 @@ from .ema import EMA
 from .errors import MiniResNetError
 from .evaluate import metrics, predict_logits
 from .loader import BatchLoader
-from .model import MiniResNet, count_macs, count_parameters
+from .model import MiniResNet, count_macs, count_parameters, whiten_stem
 from .rundir import (
     StopSignals,
     TrainingInterrupted,
@@ -189,6 +189,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         shuffle=True,
         crop_padding=cfg.crop_padding,
         flip=cfg.flip,
+        alternate_flip=cfg.alternate_flip,
         cutout=cfg.cutout,
         seed=cfg.seed,
         device=device,
@@ -198,6 +199,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         world_size=ddp.world_size,
     )
     model = MiniResNet(cfg.widths, cfg.blocks_per_stage, len(data.classes), zero_init_residual=cfg.zero_init_residual)
+    if cfg.stem_init == "whitened":  # from a fixed 5,000 training images: the same filters on every process
+        whiten_stem(model, normalize(data.train_images[:5000], data.mean, data.std))
     params, macs = count_parameters(model), count_macs(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, precision.weights, memory_format=memory_format)
