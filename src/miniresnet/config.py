@@ -21,9 +21,19 @@ class TrainConfig:
     # The recipe. Defaults are the seed spec: Adam 1e-3, batch 100, 25 epochs, lr x0.5 every 20.
     epochs: int = _opt(25, "passes over the training set")
     batch_size: int = _opt(100, "images per optimizer step")
-    optimizer: str = _opt("adam", "adam, or sgd (with Nesterov momentum)", choices=("adam", "sgd"))
+    optimizer: str = _opt(
+        "adam",
+        "adam; sgd (with Nesterov momentum); or muon: Muon steps for the convolution filters (see "
+        "--muon-lr), Nesterov SGD for the other parameters",
+        choices=("adam", "sgd", "muon"),
+    )
     lr: float = _opt(1e-3, "peak learning rate")
-    momentum: float = _opt(0.9, "SGD's Nesterov momentum (Adam keeps its own betas)")
+    momentum: float = _opt(0.9, "SGD's and Muon's Nesterov momentum (Adam keeps its own betas)")
+    muon_lr: float = _opt(
+        0.1,
+        "muon: the convolution filters' peak step, relative to their norm (held fixed: BatchNorm "
+        "follows each); the schedule scales it as it scales --lr",
+    )
     weight_decay: float = _opt(0.0, "L2 penalty added to the gradient (the seed recipe uses none)")
     decay_norm_and_bias: bool = _opt(True, "apply weight decay to BatchNorm scales and shifts and the fc bias too")
     schedule: str = _opt(
@@ -152,8 +162,9 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
-        if not self.lr > 0:
-            problems.append(f"lr must be positive, got {self.lr}")
+        for name in ("lr", "muon_lr"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("momentum", "warmup", "label_smoothing", "ema"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -40,6 +40,7 @@ from .errors import MiniResNetError
 from .evaluate import metrics, predict_logits
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs, count_parameters, whiten_stem
+from .muon import MuonSGD
 from .rundir import (
     StopSignals,
     TrainingInterrupted,
@@ -430,11 +431,18 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (the seed's) or Nesterov SGD; with `decay_norm_and_bias` off, the 1-D parameters
-    (BatchNorm scales and shifts, the fc bias) get no weight decay: shrinking them only fights BN."""
-    decay = [p for p in model.parameters() if cfg.decay_norm_and_bias or p.ndim > 1]
-    no_decay = [p for p in model.parameters() if not (cfg.decay_norm_and_bias or p.ndim > 1)]
+    """Adam (the seed's), Nesterov SGD, or Muon for the convolution filters beside Nesterov SGD for
+    the rest. With `decay_norm_and_bias` off, the 1-D parameters (BatchNorm scales and shifts, the
+    fc bias) get no weight decay: shrinking them only fights BN. Muon's filters need none (their
+    norm is held fixed)."""
+    filters = [p for p in model.parameters() if cfg.optimizer == "muon" and p.ndim == 4]
+    others = [p for p in model.parameters() if not any(p is f for f in filters)]
+    decay = [p for p in others if cfg.decay_norm_and_bias or p.ndim > 1]
+    no_decay = [p for p in others if not (cfg.decay_norm_and_bias or p.ndim > 1)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "muon":
+        groups.append({"params": filters, "orthogonal": True, "lr_ratio": cfg.muon_lr / cfg.lr})
+        return MuonSGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum)
     groups = [g for g in groups if g["params"]]
     # fused: one kernel updates every tensor (the same update, fewer kernel launches).
     if cfg.optimizer == "sgd":

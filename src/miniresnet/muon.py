@@ -1,0 +1,66 @@
+"""Muon for convolution filters: Nesterov momentum whose update is orthogonalised before it is
+applied (Jordan et al., 2024), beside plain Nesterov SGD for every other parameter.
+
+Every convolution here is followed by BatchNorm, so a filter bank's scale does not change what
+the network computes. Each bank is therefore kept at a fixed norm (sqrt of its output channels,
+unit filters on average), and its lr is the size of a step relative to that norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The quintic Newton-Schulz iteration's coefficients from the Muon paper: five steps take a
+# matrix's singular values from (0, 1] to roughly [0.7, 1.2], which is close enough to 1.
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to `matrix` (its singular values set to ~1), in float32."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix.float()
+    tall = x.shape[0] > x.shape[1]
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + 1e-7)  # singular values into (0, 1]
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(matrix.dtype)
+
+
+class MuonSGD(torch.optim.Optimizer):
+    """Groups with `orthogonal=True` hold 4-D convolution filters and take Muon steps; the others
+    take Nesterov SGD steps with their weight decay. A group's step size is its `lr` (which the
+    training loop sets every step) times its `lr_ratio`, so one schedule drives both."""
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float) -> None:
+        for group in groups:
+            if group.get("orthogonal") and any(p.ndim != 4 for p in group["params"]):
+                raise ValueError("orthogonal groups hold convolution filters (4-D) only")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=0.0, orthogonal=False, lr_ratio=1.0)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, momentum = group["lr"] * group["lr_ratio"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"] and not group["orthogonal"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"].mul_(momentum).add_(grad)
+                update = grad.add(buffer, alpha=momentum)  # Nesterov
+                if group["orthogonal"]:
+                    norm = len(p) ** 0.5
+                    p.mul_(norm / p.norm().clamp_min(1e-12))
+                    update = orthogonalize(update.reshape(len(p), -1)).view_as(p)
+                    p.add_(update, alpha=-lr * norm / min(update.shape[0], update[0].numel()) ** 0.5)
+                else:
+                    p.add_(update, alpha=-lr)
+        return None

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from miniresnet.config import TrainConfig
+from miniresnet.model import MiniResNet
+from miniresnet.muon import MuonSGD, orthogonalize
+from miniresnet.train import build_optimizer
+
+
+def test_orthogonalize_sets_the_singular_values_near_one_and_keeps_the_directions():
+    matrix = torch.randn(16, 144, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = orthogonalize(matrix)
+    assert result.dtype == torch.float64 and result.shape == (16, 144)
+    singular = torch.linalg.svdvals(result)
+    assert singular.min() > 0.6 and singular.max() < 1.25  # what five Newton-Schulz steps promise
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    exact = u @ vh
+    assert torch.nn.functional.cosine_similarity(result.flatten(), exact.flatten(), dim=0) > 0.95
+    tall = orthogonalize(matrix.T)  # the transpose gives the transposed result
+    assert torch.allclose(tall, result.T)
+
+
+def test_filters_take_steps_of_lr_relative_to_a_fixed_norm_and_the_rest_take_nesterov_sgd():
+    generator = torch.Generator().manual_seed(1)
+    filters = torch.nn.Parameter(torch.randn(8, 4, 3, 3, generator=generator, dtype=torch.float64) * 3)
+    bias = torch.nn.Parameter(torch.randn(8, generator=generator, dtype=torch.float64))
+    reference = torch.nn.Parameter(bias.detach().clone())
+    optimizer = MuonSGD(
+        [{"params": [filters], "orthogonal": True, "lr_ratio": 0.5}, {"params": [bias], "weight_decay": 0.01}],
+        lr=0.2,
+        momentum=0.9,
+    )
+    sgd = torch.optim.SGD([reference], lr=0.2, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for _ in range(3):
+        filters.grad = torch.randn(filters.shape, generator=generator, dtype=torch.float64)
+        bias.grad = torch.randn(bias.shape, generator=generator, dtype=torch.float64)
+        reference.grad = bias.grad.clone()
+        before = filters.detach().clone()
+        before *= 8**0.5 / before.norm()  # the norm the step starts from
+        optimizer.step()
+        sgd.step()
+        relative = (filters.detach() - before).norm() / before.norm()
+        assert 0.6 * 0.1 < relative < 1.25 * 0.1  # lr x lr_ratio, up to Newton-Schulz's precision
+        assert torch.allclose(bias, reference, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="4-D"):
+        MuonSGD([{"params": [bias], "orthogonal": True}], lr=0.1, momentum=0.9)
+
+
+def test_muon_config_gives_the_filters_to_muon_and_everything_else_to_sgd():
+    model = MiniResNet()
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", lr=0.4, muon_lr=0.1, weight_decay=5e-4))
+    (filters,) = [g for g in optimizer.param_groups if g["orthogonal"]]
+    assert {id(p) for p in filters["params"]} == {id(p) for p in model.parameters() if p.ndim == 4}
+    assert filters["lr_ratio"] == pytest.approx(0.25)
+    others = [p for g in optimizer.param_groups if not g["orthogonal"] for p in g["params"]]
+    assert len(others) + len(filters["params"]) == len(list(model.parameters()))
+
+
+def test_a_muon_run_learns_and_resumes_its_momentum(tiny_data, tmp_path):
+    from conftest import tiny_config
+    from miniresnet.checkpoint import load_checkpoint
+    from miniresnet.train import train
+
+    summary = train(tiny_config(tiny_data, tmp_path / "run", epochs=3, optimizer="muon", lr=0.05, muon_lr=0.05))
+    assert summary["test_acc"] > 0.2
+    state = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]
+    assert all("momentum_buffer" in s for s in state["state"].values())
