@@ -8,7 +8,7 @@
 #    on the GPU here, and the CUDA-only tests run (among them: the training steps wait for the GPU
 #    only when their tally is read, in fp32, bf16 and fp16). 2. `bench` on the GPU: fp32 and bf16
 #    eager, bf16 compiled, and bf16 at batch 512. 3. With CIFAR-10 (CIFAR10_DIR, or
-#    $MINIRESNET_CIFAR10): the `seed` and `fast` presets end to end on the GPU, seed 0, with their
+#    $MINIRESNET_CIFAR10): the `seed`, `quick` and `fast` presets end to end on the GPU, seed 0, with their
 #    wall times. Everything it prints is also saved in RESULTS_DIR.
 set -uo pipefail
 results=${1:-benchmarks/results/gpu}
@@ -24,7 +24,7 @@ bench --precision bf16 --compile
 bench --precision bf16 --batch-size 512
 data=${2:-${MINIRESNET_CIFAR10:-}}
 if [ -n "$data" ]; then
-    for preset in seed fast; do
+    for preset in seed quick fast; do
         python3 benchmarks/preset_runs.py --preset "$preset" --seeds 0 --data-dir "$data" --name "gpu-$preset" \
             -- --device cuda 2>&1 | tee -a "$results/presets.log" || failed=1
     done

@@ -7,7 +7,7 @@ import torch
 
 from conftest import synthetic_images, tiny_config
 from miniresnet.checkpoint import load_checkpoint, load_model
-from miniresnet.config import PRESETS, TrainConfig
+from miniresnet.config import PRESETS, SGD_RECIPE, TrainConfig
 from miniresnet.errors import MiniResNetError
 from miniresnet.model import whiten_stem
 from miniresnet.rundir import TrainingInterrupted
@@ -42,7 +42,7 @@ def test_short_run_learns_and_writes_its_run_dir(tiny_data, tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] * 0.7
     assert summary["test_acc"] == metrics[-1]["test_acc"] > 0.3  # final epoch's, well above chance (0.1)
-    assert summary["epochs"] == 4 and summary["seconds"] > 0
+    assert summary["epochs"] == 4 == summary["epoch_equivalents"] and summary["seconds"] > 0
     for key in ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "images_per_sec"):
         assert key in metrics[0]
     config = json.loads((out / "config.json").read_text())
@@ -375,7 +375,24 @@ def test_every_preset_trains_the_unchanged_architecture():
     for name, cfg in PRESETS.items():
         assert (cfg.widths, cfg.blocks_per_stage) == ((16, 32, 64), 2), name
         cfg.validate()
-    fast, best = PRESETS["fast"].to_dict(), PRESETS["best"].to_dict()
-    # best is fast run longer, plus the regularisation a long run needs: nothing else differs.
-    differ = {k for k in fast if fast[k] != best[k]}
-    assert differ == {"epochs", "warmup", "downscale_epochs", "eval_every", "cutout"}
+    recipe = SGD_RECIPE.to_dict()
+
+    def changes(name):
+        preset = PRESETS[name].to_dict()
+        return {k: preset[k] for k in preset if preset[k] != recipe[k]}
+
+    # best is the SGD recipe run long, plus the regularisation a long run needs: nothing else differs.
+    assert set(changes("best")) == {"epochs", "warmup", "downscale_epochs", "eval_every", "cutout"}
+    # quick and fast are the same short recipe, one twice as long as the other.
+    short = {"optimizer": "muon", "crop_padding": 2, "downscale_size": 16}
+    assert PRESETS["quick"].muon_lr == PRESETS["fast"].muon_lr == 0.05
+    assert changes("quick") == short | {"epochs": 8, "downscale_epochs": 4}
+    assert changes("fast") == short | {"epochs": 16, "downscale_epochs": 8}
+
+
+def test_compute_in_full_resolution_epoch_equivalents():
+    assert PRESETS["seed"].epoch_equivalents() == 25
+    assert PRESETS["quick"].epoch_equivalents() == 5
+    assert PRESETS["fast"].epoch_equivalents() == 10
+    assert PRESETS["best"].epoch_equivalents() == 100 * 0.5625 + 100
+    assert TrainConfig(epochs=3, downscale_epochs=5, downscale_size=16).epoch_equivalents() == 0.75

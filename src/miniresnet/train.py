@@ -580,6 +580,7 @@ def summarize(
         "tta": cfg.tta,
         **(validation if cfg.val_split else {}),
         "epochs": cfg.epochs,
+        "epoch_equivalents": cfg.epoch_equivalents(),
         "seconds": round(seconds, 2),
         "seed": cfg.seed,
         "precision": precision.name,
