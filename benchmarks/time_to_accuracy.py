@@ -1,10 +1,15 @@
-"""Test accuracy against wall-clock seconds for the presets' recorded runs (what preset_runs.py
-wrote to benchmarks/results/), one line per run, as a PNG for the README.
+"""Test accuracy against compute and against wall-clock time for the presets' recorded runs (what
+preset_runs.py wrote to benchmarks/results/), one line per run, as a PNG for the results.
 
-    python benchmarks/time_to_accuracy.py seed-fp32 fast best --out benchmarks/results/time_to_accuracy.png
+    python benchmarks/time_to_accuracy.py "seed-fp32=AMD EPYC, AVX-512-BF16" quick fast-10eq \\
+        "best=AMD EPYC, AVX-512-BF16" --out benchmarks/results/time_to_accuracy.png
 
-Points are the epochs that evaluated the test set, at the wall time since the run started
-(data loading included). The last point of a run with TTA is its headline (TTA) accuracy.
+Left: accuracy against full-resolution epoch equivalents (an epoch at 16x16 counts 0.25, at 24x24
+0.5625), a measure that holds on any machine. Right: against wall time since the run started,
+which depends on the CPU: each line's label names the CPU its runs were measured on (as recorded
+with the run, or given after '=' for records that predate that). Points are the epochs that
+evaluated the test set; the last point of a run with TTA is its headline (TTA) accuracy. A run's
+configuration is read from its recorded command with today's presets.
 """
 
 from __future__ import annotations
@@ -15,45 +20,73 @@ from itertools import accumulate
 
 import matplotlib.pyplot as plt
 
+from miniresnet.cli import build_parser, config_from_args
+from miniresnet.config import TrainConfig
 from preset_runs import ROOT
 
 
-def curve(run: dict) -> tuple[list[float], list[float]]:
-    """(seconds, accuracy) at each evaluated epoch; older records without `elapsed` sum `seconds`."""
+def run_config(run: dict) -> TrainConfig:
+    """The configuration of a recorded run, from its command (`miniresnet train ...`)."""
+    return config_from_args(build_parser().parse_args(run["command"][1:]))
+
+
+def curves(run: dict) -> tuple[list[float], list[float], list[float]]:
+    """(epoch equivalents, seconds, accuracy %) at each evaluated epoch; older records without
+    `elapsed` sum `seconds`."""
+    cfg = run_config(run)
     metrics = run["metrics"]
     elapsed = [m.get("elapsed") for m in metrics]
     if None in elapsed:
         elapsed = list(accumulate(m["seconds"] for m in metrics))
-    points = [(t, m["test_acc"]) for t, m in zip(elapsed, metrics, strict=True) if "test_acc" in m]
+    points = [
+        (TrainConfig(**{**cfg.to_dict(), "epochs": m["epoch"]}).epoch_equivalents(), t, m["test_acc"])
+        for t, m in zip(elapsed, metrics, strict=True)
+        if "test_acc" in m
+    ]
     if "test_acc_tta" in metrics[-1]:
-        points.append((run["summary"]["seconds"], metrics[-1]["test_acc_tta"]))
-    return [t for t, _ in points], [100 * a for _, a in points]
+        points.append((points[-1][0], run["summary"]["seconds"], metrics[-1]["test_acc_tta"]))
+    return [e for e, _, _ in points], [t for _, t, _ in points], [100 * a for _, _, a in points]
+
+
+def cpu_of(run: dict) -> str:
+    machine = run.get("machine")
+    return f"{machine['cpu']}, {machine['cpu_capability']}" if machine else "CPU not recorded"
 
 
 def main() -> None:
     plt.switch_backend("Agg")  # files only: no display needed
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="+", help="results files (benchmarks/results/NAME.json)")
+    parser.add_argument("names", nargs="+", help="results files (benchmarks/results/NAME.json), each NAME[=CPU]")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "time_to_accuracy.png"))
     args = parser.parse_args()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for colour, name in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], args.names, strict=False):
+    fig, (by_compute, by_time) = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for colour, entry in zip(colours, args.names, strict=False):
+        name, _, cpu = entry.partition("=")
         report = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+        n = len(report["runs"])
+        mean = 100 * report["test_acc_mean"]
         for i, run in enumerate(report["runs"]):
-            seconds, accuracy = curve(run)
-            mean = 100 * report["test_acc_mean"]
-            n = len(report["runs"])
-            label = f"{name} (mean {mean:.2f}%, {n} seed{'s' * (n > 1)})" if i == 0 else None
-            ax.plot(seconds, accuracy, "-o", color=colour, markersize=3, alpha=0.8, label=label)
-    ax.axhline(90, color="gray", lw=0.8, ls="--")
-    ax.axvline(600, color="gray", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_ylim(40, 95)
-    ax.set_xlabel("wall-clock seconds since start (log scale), 2-core CPU")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Mini-ResNet on CIFAR-10: test accuracy against time")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right")
+            equivalents, seconds, accuracy = curves(run)
+            style = dict(color=colour, marker="o", markersize=3, alpha=0.8)
+            first = i == 0
+            by_compute.plot(
+                equivalents,
+                accuracy,
+                label=f"{name} (mean {mean:.2f}%, {n} seed{'s' * (n > 1)})" if first else None,
+                **style,
+            )
+            by_time.plot(seconds, accuracy, label=f"{name}: {cpu or cpu_of(run)}" if first else None, **style)
+    for ax in (by_compute, by_time):
+        ax.axhline(90, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="lower right", fontsize=8)
+    by_compute.set_ylim(40, 95)
+    by_compute.set_ylabel("test accuracy (%)")
+    by_compute.set_xlabel("full-resolution epoch equivalents (log scale)")
+    by_time.set_xlabel("wall-clock seconds since start (log scale), 2 CPU cores")
+    fig.suptitle("Mini-ResNet on CIFAR-10: test accuracy against compute and time, every preset")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
