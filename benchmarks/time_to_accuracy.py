@@ -15,6 +15,7 @@ configuration is read from its recorded command with today's presets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from itertools import accumulate
 
@@ -39,7 +40,7 @@ def curves(run: dict) -> tuple[list[float], list[float], list[float]]:
     if None in elapsed:
         elapsed = list(accumulate(m["seconds"] for m in metrics))
     points = [
-        (TrainConfig(**{**cfg.to_dict(), "epochs": m["epoch"]}).epoch_equivalents(), t, m["test_acc"])
+        (dataclasses.replace(cfg, epochs=m["epoch"]).epoch_equivalents(), t, m["test_acc"])
         for t, m in zip(elapsed, metrics, strict=True)
         if "test_acc" in m
     ]

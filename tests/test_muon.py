@@ -1,10 +1,12 @@
 import pytest
 import torch
 
+from conftest import tiny_config
+from miniresnet.checkpoint import load_checkpoint
 from miniresnet.config import TrainConfig
 from miniresnet.model import MiniResNet
 from miniresnet.muon import MuonSGD, orthogonalize
-from miniresnet.train import build_optimizer
+from miniresnet.train import build_optimizer, train
 
 
 def test_orthogonalize_sets_the_singular_values_near_one_and_keeps_the_directions():
@@ -57,10 +59,6 @@ def test_muon_config_gives_the_filters_to_muon_and_everything_else_to_sgd():
 
 
 def test_a_muon_run_learns_and_resumes_its_momentum(tiny_data, tmp_path):
-    from conftest import tiny_config
-    from miniresnet.checkpoint import load_checkpoint
-    from miniresnet.train import train
-
     summary = train(tiny_config(tiny_data, tmp_path / "run", epochs=3, optimizer="muon", lr=0.05, muon_lr=0.05))
     assert summary["test_acc"] > 0.2
     state = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]
