@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks of the speed work, as one command for a machine with a CUDA GPU. From the repo root:
+# The GPU checks, as one command for a machine with a CUDA GPU. From the repo root:
 #
 #     bash benchmarks/gpu_check.sh [RESULTS_DIR] [CIFAR10_DIR]   (default benchmarks/results/gpu)
 #
 # It needs a python3 with a CUDA build of PyTorch, tqdm and pytest; the package runs from src/.
-# 1. The test suite: every test that trains with device "auto" (most of tests/test_train.py) trains
-#    on the GPU here, and the CUDA-only tests run (among them: the training steps wait for the GPU
-#    only when their tally is read, in fp32, bf16 and fp16). 2. `bench` on the GPU: fp32 and bf16
-#    eager, bf16 compiled, and bf16 at batch 512. 3. With CIFAR-10 (CIFAR10_DIR, or
-#    $MINIRESNET_CIFAR10): the `seed`, `quick` and `fast` presets end to end on the GPU, seed 0, with their
-#    wall times. Everything it prints is also saved in RESULTS_DIR.
+# Most telling first, so that a run cut short still says the most:
+# 1. The CUDA-only tests (among them: the training steps wait for the GPU only when their tally is
+#    read, in fp32, bf16 and fp16). 2. `bench` on the GPU: fp32 and bf16 eager, bf16 compiled, and
+#    bf16 at batch 512. 3. With CIFAR-10 (CIFAR10_DIR, or $MINIRESNET_CIFAR10): the `seed`, `quick`
+#    and `fast` presets end to end on the GPU, seed 0, with their wall times (their results files
+#    are copied into RESULTS_DIR). 4. The whole test suite: every test that trains with device
+#    "auto" (most of tests/test_train.py) trains on the GPU here. Everything it prints is also saved
+#    in RESULTS_DIR.
 set -uo pipefail
 results=${1:-benchmarks/results/gpu}
 mkdir -p "$results"
@@ -17,7 +19,8 @@ export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 python3 -c 'import torch; assert torch.cuda.is_available(), "PyTorch sees no CUDA GPU"
 print("torch", torch.__version__, "on", torch.cuda.get_device_name())' | tee "$results/device.txt" || exit 1
 failed=0
-python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$results/pytest.log" || failed=1
+tests() { python3 -m pytest -q -p no:cacheprovider tests "$@" 2>&1 | tee -a "$results/pytest.log" || failed=1; }
+tests -k "cuda or gpu"
 bench() { python3 -m miniresnet bench --device cuda --json "$@" | tee -a "$results/bench.jsonl" || failed=1; }
 bench --precision all
 bench --precision bf16 --compile
@@ -27,8 +30,10 @@ if [ -n "$data" ]; then
     for preset in seed quick fast; do
         python3 benchmarks/preset_runs.py --preset "$preset" --seeds 0 --data-dir "$data" --name "gpu-$preset" \
             -- --device cuda 2>&1 | tee -a "$results/presets.log" || failed=1
+        cp "benchmarks/results/gpu-$preset.json" "$results/" 2>/dev/null
     done
 else
     echo "no CIFAR-10 given: the end-to-end preset runs are skipped" | tee -a "$results/presets.log"
 fi
+tests
 exit $failed

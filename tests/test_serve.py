@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytest.importorskip("fastapi", reason="the server is an optional extra: pip install 'miniresnet[serve]'")
+
 from fastapi.testclient import TestClient
 from PIL import Image
 
