@@ -86,6 +86,7 @@ class BatchLoader:
             dy, dx, mirrored = dy.to(device), dx.to(device), mirrored.to(device)
         if self.cutout:  # drawn after the crops, so turning it on leaves their stream as it was
             cy, cx = (t.to(device) for t in random_squares(n, self.size, generator))
+        order = order.to(device)
         for first in range(start * self.batch_size, n, self.batch_size):
             picked = torch.arange(first + self.rank, min(first + self.batch_size, n), self.world_size, device=device)
             index = order[picked]
