@@ -284,6 +284,10 @@ def test_the_page_in_chromium_shows_the_clis_answer_and_works_by_keyboard(
     image.write_bytes(png_bytes((64, 48), (30, 160, 200)))
     expected = cli_prediction(capsys, model_file, image)[0]["class"]
     page = browser.new_page(viewport={"width": 375, "height": 740})  # a phone's width
+    # Playwright intercepts file choosers from a page's first "filechooser" listener on, set up in
+    # the background: a listener made just before the key press can miss the chooser it opens.
+    choosers = []
+    page.on("filechooser", lambda chooser: choosers.append(chooser))
     page.goto(server + "/")
     for _ in range(5):  # keyboard alone: Tab to the chooser, Space opens it
         page.keyboard.press("Tab")
@@ -292,6 +296,7 @@ def test_the_page_in_chromium_shows_the_clis_answer_and_works_by_keyboard(
     assert page.evaluate("document.activeElement.id") == "file"
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Space")
+    assert len(choosers) == 1
     chooser.value.set_files(str(image))
     page.wait_for_selector("#answer:not([hidden]) #result li")
     assert page.inner_text("#result li .class") == expected
