@@ -6,8 +6,8 @@ preset_runs.py wrote to benchmarks/results/), one line per run, as a PNG for the
 
 Left: accuracy against full-resolution epoch equivalents (an epoch at 16x16 counts 0.25, at 24x24
 0.5625), a measure that holds on any machine. Right: against wall time since the run started,
-which depends on the CPU: each line's label names the CPU its runs were measured on (as recorded
-with the run, or given after '=' for records that predate that). Points are the epochs that
+which depends on the machine: each line's label names the CPU (or GPU) its runs were measured on
+(as recorded with the run, or given after '=' for records that predate that). Points are the epochs that
 evaluated the test set; the last point of a run with TTA is its headline (TTA) accuracy. A run's
 configuration is read from its recorded command with today's presets.
 """
@@ -49,9 +49,12 @@ def curves(run: dict) -> tuple[list[float], list[float], list[float]]:
     return [e for e, _, _ in points], [t for _, t, _ in points], [100 * a for _, _, a in points]
 
 
-def cpu_of(run: dict) -> str:
+def machine_of(run: dict) -> str:
+    """The GPU a run trained on, else its CPU and the instruction set PyTorch's kernels used."""
     machine = run.get("machine")
-    return f"{machine['cpu']}, {machine['cpu_capability']}" if machine else "CPU not recorded"
+    if not machine:
+        return "machine not recorded"
+    return machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_capability']}"
 
 
 def main() -> None:
@@ -77,7 +80,7 @@ def main() -> None:
                 label=f"{name} (mean {mean:.2f}%, {n} seed{'s' * (n > 1)})" if first else None,
                 **style,
             )
-            by_time.plot(seconds, accuracy, label=f"{name}: {cpu or cpu_of(run)}" if first else None, **style)
+            by_time.plot(seconds, accuracy, label=f"{name}: {cpu or machine_of(run)}" if first else None, **style)
     for ax in (by_compute, by_time):
         ax.axhline(90, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log")
@@ -86,7 +89,7 @@ def main() -> None:
     by_compute.set_ylim(40, 95)
     by_compute.set_ylabel("test accuracy (%)")
     by_compute.set_xlabel("full-resolution epoch equivalents (log scale)")
-    by_time.set_xlabel("wall-clock seconds since start (log scale), 2 CPU cores")
+    by_time.set_xlabel("wall-clock seconds since start (log scale); 2 CPU cores unless a GPU is named")
     fig.suptitle("Mini-ResNet on CIFAR-10: test accuracy against compute and time, every preset")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
