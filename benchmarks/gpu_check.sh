@@ -19,8 +19,8 @@ export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 python3 -c 'import torch; assert torch.cuda.is_available(), "PyTorch sees no CUDA GPU"
 print("torch", torch.__version__, "on", torch.cuda.get_device_name())' | tee "$results/device.txt" || exit 1
 failed=0
-tests() { python3 -m pytest -q -p no:cacheprovider tests "$@" 2>&1 | tee -a "$results/pytest.log" || failed=1; }
-tests -k "cuda or gpu"
+run_tests() { python3 -m pytest -q -p no:cacheprovider tests "$@" 2>&1 | tee -a "$results/pytest.log" || failed=1; }
+run_tests -k "cuda or gpu"
 bench() { python3 -m miniresnet bench --device cuda --json "$@" | tee -a "$results/bench.jsonl" || failed=1; }
 bench --precision all
 bench --precision bf16 --compile
@@ -35,5 +35,5 @@ if [ -n "$data" ]; then
 else
     echo "no CIFAR-10 given: the end-to-end preset runs are skipped" | tee -a "$results/presets.log"
 fi
-tests
+run_tests
 exit $failed

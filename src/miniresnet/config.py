@@ -220,8 +220,8 @@ SGD_RECIPE = TrainConfig(
     precision="auto",
     eval_every=4,
 )
-# Time to accuracy: the SGD recipe with Muon for the convolution filters and lighter crops, half
-# of its epochs at 16x16. Compute is counted in full-resolution epoch equivalents (a 16x16
+# Time to accuracy: the SGD recipe with Muon for the convolution filters and lighter crops, its
+# first epochs at 16x16. Compute is counted in full-resolution epoch equivalents (a 16x16
 # epoch is 0.25 of one): quick spends 4, fast 10.
 SHORT_RECIPE = dataclasses.replace(SGD_RECIPE, optimizer="muon", muon_lr=0.05, crop_padding=2, downscale_size=16)
 
