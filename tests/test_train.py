@@ -225,10 +225,10 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(
-    "stop_at_step", [5, 8, 13]
-)  # mid-epoch 1, end of epoch 1, mid-epoch 2: 160 / 20 = 8 steps per epoch
-def test_interrupted_and_resumed_run_is_bit_identical(tiny_data, tmp_path, monkeypatch, stop_at_step):
+# Steps 5, 8 and 13 are mid-epoch 1, the end of epoch 1 and mid-epoch 2 (160 / 20 = 8 steps per
+# epoch); with Lookahead every 3 steps, 13 is also between two of its syncs.
+@pytest.mark.parametrize("stop_at_step,lookahead", [(5, 0), (8, 0), (13, 0), (13, 3)])
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_data, tmp_path, monkeypatch, stop_at_step, lookahead):
     import signal
 
     import miniresnet.train as train_module
@@ -246,6 +246,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_data, tmp_path, monke
         decay_norm_and_bias=False,
         val_split=40,
         tta="flip",
+        lookahead=lookahead,
     )
     whole = train(tiny_config(tiny_data, tmp_path / "whole", **recipe))
 

@@ -34,6 +34,11 @@ class TrainConfig:
         "muon: the convolution filters' peak step, relative to their norm (held fixed: BatchNorm "
         "follows each); the schedule scales it as it scales --lr",
     )
+    lookahead: int = _opt(
+        0,
+        "Lookahead: every N optimizer steps, move a slow copy of the weights halfway to the trained "
+        "ones and continue training from it (0 = off)",
+    )
     weight_decay: float = _opt(0.0, "L2 penalty added to the gradient (the seed recipe uses none)")
     decay_norm_and_bias: bool = _opt(True, "apply weight decay to BatchNorm scales and shifts and the fc bias too")
     schedule: str = _opt(
@@ -159,6 +164,7 @@ class TrainConfig:
             "eval_every",
             "checkpoint_every",
             "downscale_epochs",
+            "lookahead",
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")

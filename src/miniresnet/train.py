@@ -39,6 +39,7 @@ from .ema import EMA
 from .errors import MiniResNetError
 from .evaluate import metrics, predict_logits
 from .loader import BatchLoader
+from .lookahead import Lookahead
 from .model import MiniResNet, count_macs, count_parameters, whiten_stem
 from .muon import MuonSGD
 from .rundir import (
@@ -430,11 +431,11 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return cfg.lr * (total - step) / (total - warmup)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer | Lookahead:
     """Adam (the seed's), Nesterov SGD, or Muon for the convolution filters beside Nesterov SGD for
-    the rest. With `decay_norm_and_bias` off, the 1-D parameters (BatchNorm scales and shifts, the
-    fc bias) get no weight decay: shrinking them only fights BN. Muon's filters need none (their
-    norm is held fixed)."""
+    the rest, wrapped in Lookahead when `lookahead` is set. With `decay_norm_and_bias` off, the 1-D
+    parameters (BatchNorm scales and shifts, the fc bias) get no weight decay: shrinking them only
+    fights BN. Muon's filters need none (their norm is held fixed)."""
     filters = [p for p in model.parameters() if cfg.optimizer == "muon" and p.ndim == 4]
     others = [p for p in model.parameters() if not any(p is f for f in filters)]
     decay = [p for p in others if cfg.decay_norm_and_bias or p.ndim > 1]
@@ -442,12 +443,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "muon":
         groups.append({"params": filters, "orthogonal": True, "lr_ratio": cfg.muon_lr / cfg.lr})
-        return MuonSGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum)
     groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "muon":
+        optimizer = MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     # fused: one kernel updates every tensor (the same update, fewer kernel launches).
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, fused=True)
-    return torch.optim.Adam(groups, lr=cfg.lr, fused=True)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, fused=True)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr, fused=True)
+    return Lookahead(optimizer, cfg.lookahead) if cfg.lookahead else optimizer
 
 
 def restore_progress(state: dict, ddp: Distributed) -> Progress:
