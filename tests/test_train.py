@@ -388,12 +388,12 @@ def test_every_preset_trains_the_unchanged_architecture():
     short = {"optimizer": "muon", "crop_padding": 2, "downscale_size": 16}
     assert PRESETS["quick"].muon_lr == PRESETS["fast"].muon_lr == 0.05
     assert changes("quick") == short | {"epochs": 7, "downscale_epochs": 4}
-    assert changes("fast") == short | {"epochs": 16, "downscale_epochs": 8}
+    assert changes("fast") == short | {"epochs": 14, "downscale_epochs": 8}
 
 
 def test_compute_in_full_resolution_epoch_equivalents():
     assert PRESETS["seed"].epoch_equivalents() == 25
     assert PRESETS["quick"].epoch_equivalents() == 4
-    assert PRESETS["fast"].epoch_equivalents() == 10
+    assert PRESETS["fast"].epoch_equivalents() == 8
     assert PRESETS["best"].epoch_equivalents() == 100 * 0.5625 + 100
     assert TrainConfig(epochs=3, downscale_epochs=5, downscale_size=16).epoch_equivalents() == 0.75
