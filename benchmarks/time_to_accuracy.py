@@ -1,7 +1,7 @@
 """Test accuracy against compute and against wall-clock time for the presets' recorded runs (what
 preset_runs.py wrote to benchmarks/results/), one line per run, as a PNG for the results.
 
-    python benchmarks/time_to_accuracy.py "seed-fp32=AMD EPYC, AVX-512-BF16" quick fast-10eq \\
+    python benchmarks/time_to_accuracy.py "seed-fp32=AMD EPYC, AVX-512-BF16" quick-4eq fast-8eq \\
         "best=AMD EPYC, AVX-512-BF16" --out benchmarks/results/time_to_accuracy.png
 
 Left: accuracy against full-resolution epoch equivalents (an epoch at 16x16 counts 0.25, at 24x24
