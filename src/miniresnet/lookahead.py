@@ -26,7 +26,7 @@ class Lookahead:
         return self.optimizer.param_groups
 
     @torch.no_grad()
-    def step(self, closure=None) -> None:
+    def step(self) -> None:
         self.optimizer.step()
         self.steps += 1
         if self.steps % self.every == 0:
