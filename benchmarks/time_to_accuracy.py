@@ -62,6 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="+", help="results files (benchmarks/results/NAME.json), each NAME[=CPU]")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "time_to_accuracy.png"))
+    parser.add_argument(
+        "--title", default="Mini-ResNet on CIFAR-10: test accuracy against compute and time, every preset"
+    )
     args = parser.parse_args()
     fig, (by_compute, by_time) = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -90,7 +93,7 @@ def main() -> None:
     by_compute.set_ylabel("test accuracy (%)")
     by_compute.set_xlabel("full-resolution epoch equivalents (log scale)")
     by_time.set_xlabel("wall-clock seconds since start (log scale); 2 CPU cores unless a GPU is named")
-    fig.suptitle("Mini-ResNet on CIFAR-10: test accuracy against compute and time, every preset")
+    fig.suptitle(args.title)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
