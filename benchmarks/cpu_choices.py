@@ -1,12 +1,13 @@
 """How the training step's machinery choices compare on this CPU: memory layout (channels_last or
-NCHW) and eager or torch.compile, each the seed recipe's step (batch 100, Adam, fp32 unless told),
+NCHW), eager or torch.compile, and the fused BatchNorm+ReLU kernel or PyTorch's BatchNorm and
+ReLU ops, each the seed recipe's step (batch 100, Adam, fp32 unless told),
 side by side in one process, alternating round by round so that machine noise hits all alike.
 
     python benchmarks/cpu_choices.py [--steps 20] [--rounds 7] [--precision fp32] [--json]
 
 None of these choices changes what the recipe computes (only the rounding of float32 sums); the
 question is which is fastest where. Prints each variant's median images/s and its ratio to the
-default (channels_last, eager).
+default (channels_last, eager, the fused kernel where it builds).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from miniresnet.runtime import describe_machine, set_threads
 
 VARIANTS = {
     "channels_last eager (default)": dict(channels_last=True, compile=False),
+    "channels_last, PyTorch's BatchNorm": dict(channels_last=True, compile=False, fused_batchnorm=False),
     "NCHW eager": dict(channels_last=False, compile=False),
     "channels_last compiled": dict(channels_last=True, compile=True),
     "NCHW compiled": dict(channels_last=False, compile=True),
