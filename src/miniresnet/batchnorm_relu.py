@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -48,14 +49,16 @@ def kernel_available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        flags = compiler_flags()
+        start = time.perf_counter()
         load(
             "miniresnet_batchnorm_relu",
             [str(SOURCE)],
-            extra_cflags=flags,
+            extra_cflags=compiler_flags(),
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
+        if time.perf_counter() - start > 2:  # compiled, not loaded from the cache
+            log(f"built the fused BatchNorm+ReLU kernel in {time.perf_counter() - start:.0f} s (cached for later runs)")
         return True
     except Exception as error:  # a build can fail in many ways; any of them means PyTorch's ops
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
