@@ -3,7 +3,7 @@ NCHW), eager or torch.compile, and the fused BatchNorm+ReLU kernel or PyTorch's 
 ReLU ops, each the seed recipe's step (batch 100, Adam, fp32 unless told),
 side by side in one process, alternating round by round so that machine noise hits all alike.
 
-    python benchmarks/cpu_choices.py [--steps 20] [--rounds 7] [--precision fp32] [--json]
+    python benchmarks/cpu_choices.py [--steps 20] [--rounds 7] [--precision fp32] [--batchnorm-only] [--json]
 
 None of these choices changes what the recipe computes (only the rounding of float32 sums); the
 question is which is fastest where. Prints each variant's median images/s and its ratio to the
@@ -38,11 +38,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--batchnorm-only", action="store_true", help="only the default against PyTorch's BatchNorm and ReLU ops"
+    )
     args = parser.parse_args()
     threads = set_threads(0)
     base = dataclasses.replace(PRESETS["seed"], precision=args.precision)
     cpu = torch.device("cpu")
-    runners = {name: StepTimer(dataclasses.replace(base, **v), args.steps, cpu) for name, v in VARIANTS.items()}
+    variants = dict(list(VARIANTS.items())[:2]) if args.batchnorm_only else VARIANTS
+    runners = {name: StepTimer(dataclasses.replace(base, **v), args.steps, cpu) for name, v in variants.items()}
     for run in runners.values():
         run()  # warm-up (and compilation)
     rates: dict[str, list[float]] = {name: [] for name in runners}

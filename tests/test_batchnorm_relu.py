@@ -81,15 +81,16 @@ def test_fused_matches_pytorch_in_float64(channels, with_skip, momentum):
 @needs_kernel
 @pytest.mark.parametrize("with_skip", [False, True])
 def test_fused_fp32_stays_near_a_float64_reference(with_skip):
-    """fp32 rounding only: each result within 1e-5 of the float64 one, relative to its largest
-    entry (the kernel measured ~5e-7 on AVX2 and AVX-512 machines)."""
+    """fp32 rounding only: each result within 1e-6 of the float64 one, relative to its largest
+    entry (the kernel measured 0.8-1.7e-7, PyTorch's fp32 ops 2.2-4.6e-7, capped to AVX2 and not;
+    with its fp32 partial sums over 256 rows instead of 16, the kernel measured 2e-6 and failed)."""
     batch = make_batch(16, torch.float64, seed=1)
     reference, _ = run(False, *batch[:1], batch[1] if with_skip else None, *batch[2:])
     batch32 = [t.float() for t in batch]
     fused, _ = run(True, batch32[0], batch32[1] if with_skip else None, *batch32[2:])
     for a, b in zip(fused, reference, strict=True):
         assert a.dtype == torch.float32
-        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-5
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-6
 
 
 @needs_kernel
