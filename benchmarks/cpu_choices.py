@@ -1,13 +1,12 @@
 """How the training step's machinery choices compare on this CPU: memory layout (channels_last or
-NCHW), eager or torch.compile, and the fused BatchNorm+ReLU kernel or PyTorch's BatchNorm and
-ReLU ops, each the seed recipe's step (batch 100, Adam, fp32 unless told),
+NCHW) and eager or torch.compile, each the seed recipe's step (batch 100, Adam, fp32 unless told),
 side by side in one process, alternating round by round so that machine noise hits all alike.
 
-    python benchmarks/cpu_choices.py [--steps 20] [--rounds 7] [--precision fp32] [--batchnorm-only] [--json]
+    python benchmarks/cpu_choices.py [--steps 20] [--rounds 7] [--precision fp32] [--json]
 
 None of these choices changes what the recipe computes (only the rounding of float32 sums); the
 question is which is fastest where. Prints each variant's median images/s and its ratio to the
-default (channels_last, eager, the fused kernel where it builds).
+default (channels_last, eager).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from miniresnet.runtime import describe_machine, set_threads
 
 VARIANTS = {
     "channels_last eager (default)": dict(channels_last=True, compile=False),
-    "channels_last, PyTorch's BatchNorm": dict(channels_last=True, compile=False, fused_batchnorm=False),
     "NCHW eager": dict(channels_last=False, compile=False),
     "channels_last compiled": dict(channels_last=True, compile=True),
     "NCHW compiled": dict(channels_last=False, compile=True),
@@ -38,15 +36,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument(
-        "--batchnorm-only", action="store_true", help="only the default against PyTorch's BatchNorm and ReLU ops"
-    )
     args = parser.parse_args()
     threads = set_threads(0)
     base = dataclasses.replace(PRESETS["seed"], precision=args.precision)
     cpu = torch.device("cpu")
-    variants = dict(list(VARIANTS.items())[:2]) if args.batchnorm_only else VARIANTS
-    runners = {name: StepTimer(dataclasses.replace(base, **v), args.steps, cpu) for name, v in variants.items()}
+    runners = {name: StepTimer(dataclasses.replace(base, **v), args.steps, cpu) for name, v in VARIANTS.items()}
     for run in runners.values():
         run()  # warm-up (and compilation)
     rates: dict[str, list[float]] = {name: [] for name in runners}

@@ -2,8 +2,7 @@
 default the seed recipe's: batch 100, Adam; the loader included), self time per operator, grouped
 into convolutions, BatchNorm, ReLU, adds, the optimizer and the rest.
 
-    python benchmarks/step_profile.py [--preset seed] [--size 32] [--steps 20] [--precision fp32] [--nchw]
-        [--no-fused-batchnorm] [--json]
+    python benchmarks/step_profile.py [--preset seed] [--size 32] [--steps 20] [--precision fp32] [--nchw] [--json]
 
 Self time is each operator's own time, without what it calls, so the groups add up to the whole.
 """
@@ -24,7 +23,7 @@ from miniresnet.runtime import describe_machine, set_threads
 GROUPS = {  # the first group whose words appear in an operator's name takes its time
     "convolution backward": ("convolution_backward",),
     "convolution forward": ("convolution", "conv2d"),
-    "BatchNorm": ("batch_norm", "batchnorm_relu"),  # the fused kernel's ReLU and add count here too
+    "BatchNorm": ("batch_norm",),
     "ReLU": ("relu", "threshold_backward"),
     "residual adds": ("aten::add",),
 }
@@ -50,16 +49,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
-    parser.add_argument("--no-fused-batchnorm", action="store_true", help="PyTorch's BatchNorm and ReLU ops")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     threads = set_threads(0)
-    cfg = dataclasses.replace(
-        PRESETS[args.preset],
-        precision=args.precision,
-        channels_last=not args.nchw,
-        fused_batchnorm=not args.no_fused_batchnorm,
-    )
+    cfg = dataclasses.replace(PRESETS[args.preset], precision=args.precision, channels_last=not args.nchw)
     timer = StepTimer(cfg, args.steps, torch.device("cpu"))
     timer.loader.resize_to = args.size  # the loader leaves images at their own size untouched
     timer()  # warm-up
@@ -79,7 +72,6 @@ def main() -> None:
         "image_size": args.size,
         "precision": args.precision,
         "memory_format": "NCHW" if args.nchw else "channels_last",
-        "fused_batchnorm": cfg.fused_batchnorm,
         "steps": args.steps,
         "images_per_sec_while_profiled": round(images_per_sec, 1),
         "shares": shares,

@@ -11,7 +11,6 @@ import time
 
 import torch
 
-from .batchnorm_relu import fused_kernel_wanted
 from .config import PRESETS, TrainConfig
 from .evaluate import evaluate
 from .loader import BatchLoader
@@ -51,8 +50,7 @@ def synthetic_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _model(cfg: TrainConfig, device: torch.device) -> MiniResNet:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = MiniResNet(cfg.widths, cfg.blocks_per_stage).to(device, memory_format=memory_format)
-    return model.use_fused_kernel(fused_kernel_wanted(cfg.fused_batchnorm, cfg.compile, device))  # as `train` does
+    return MiniResNet(cfg.widths, cfg.blocks_per_stage).to(device, memory_format=memory_format)
 
 
 class StepTimer:

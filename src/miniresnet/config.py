@@ -133,11 +133,6 @@ class TrainConfig:
         "processes (as one process computes them); off: each process normalises its own share",
     )
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
-    fused_batchnorm: bool = _opt(
-        True,
-        "train each BatchNorm with its ReLU and residual add as one C++ kernel where it applies (CPU, "
-        "fp32, channels_last, no --compile; built on first use, PyTorch's ops where it cannot be)",
-    )
     compile: bool = _opt(
         False,
         "torch.compile the training step's model (meant for GPUs: on the 2-core CPUs measured it was "

@@ -7,27 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batchnorm_relu import batchnorm_relu
 
-
-class ConvBNReLU(nn.Sequential):
-    """3x3 convolution, BatchNorm, ReLU: the stem and the stride-2 transitions between stages.
-    A Sequential of the convolution and the BatchNorm (the ReLU has no weights), so the weights'
-    names are features.N.0 and features.N.1."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
-        super().__init__(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out))
-        self.fused = False  # see MiniResNet.use_fused_kernel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.training:
-            return self.fused_forward(x)
-        return torch.relu_(self[1](self[0](x)))
-
-    # Unannotated: TorchScript (exports) skips it, and can't read string annotations of what it skips.
-    @torch.jit.unused
-    def fused_forward(self, x):
-        return batchnorm_relu(self[1], self[0](x))
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    """3x3 convolution, BatchNorm, ReLU: the stem and the stride-2 transitions between stages."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
 
 
 class ResidualBlock(nn.Module):
@@ -39,21 +26,13 @@ class ResidualBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.fused = False  # see MiniResNet.use_fused_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.training:
-            return self.fused_forward(x)
         # In place where autograd allows it (BatchNorm's backward does not need its output), so
         # the step writes two fewer activation-sized tensors per block.
         out = torch.relu_(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return torch.relu_(out.add_(x))
-
-    @torch.jit.unused
-    def fused_forward(self, x):
-        out = batchnorm_relu(self.bn1, self.conv1(x))
-        return batchnorm_relu(self.bn2, self.conv2(out), skip=x)
 
 
 class MiniResNet(nn.Module):
@@ -73,10 +52,10 @@ class MiniResNet(nn.Module):
         super().__init__()
         self.widths = tuple(widths)
         self.blocks_per_stage = blocks_per_stage
-        layers: list[nn.Module] = [ConvBNReLU(3, widths[0])]
+        layers: list[nn.Module] = [conv_bn_relu(3, widths[0])]
         for i, width in enumerate(widths):
             if i > 0:
-                layers.append(ConvBNReLU(widths[i - 1], width, stride=2))
+                layers.append(conv_bn_relu(widths[i - 1], width, stride=2))
             layers.extend(ResidualBlock(width) for _ in range(blocks_per_stage))
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(widths[-1], num_classes)
@@ -88,13 +67,6 @@ class MiniResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         return self.fc(x.mean(dim=(2, 3)))
-
-    def use_fused_kernel(self, on: bool = True) -> MiniResNet:
-        """Train each BatchNorm with its ReLU (and residual add) as one CPU kernel where it applies
-        (batchnorm_relu.py says where); off, with PyTorch's own ops. Evaluation is the same."""
-        for module in self.features:
-            module.fused = on
-        return self
 
     def arch(self) -> dict:
         """What a checkpoint needs to rebuild this model."""

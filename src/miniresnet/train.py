@@ -31,7 +31,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .augment import channel_stats, normalize
-from .batchnorm_relu import fused_kernel_wanted
 from .checkpoint import restore_training, save_checkpoint, training_checkpoint
 from .config import TrainConfig
 from .data import load_dataset
@@ -209,8 +208,6 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     model = model.to(device, precision.weights, memory_format=memory_format)
     if cfg.sync_bn and ddp.enabled:
         model = sync_batchnorm(model)
-    fused_batchnorm = fused_kernel_wanted(cfg.fused_batchnorm, cfg.compile, device)
-    model.use_fused_kernel(fused_batchnorm)
     model_to_train = wrap_for_training(model, cfg.compile, ddp, device)
     optimizer = build_optimizer(model, cfg)
     # fp16 (CUDA only) needs its loss scaled, or small gradients underflow to zero; off otherwise.
@@ -232,7 +229,6 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             "classes": list(data.classes),
             "threads": threads,
             "precision": precision.name,
-            "fused_batchnorm": fused_batchnorm,  # whether the kernel ran, not only whether it was asked for
             "machine": describe_machine(device),
             "train_images": len(data.train_labels),
             "val_images": cfg.val_split,
