@@ -124,7 +124,7 @@ def test_a_folder_is_prepared_with_odd_images_listed_and_skipped(tmp_path, capsy
     data = load_image_folders(make_folder(tmp_path / "train"), None, test_fraction=0.25, seed=1, progress=False)
     err = capsys.readouterr().err
     assert "1 of 37 files in" in err and "broken.png" in err and "could not be read" in err
-    assert "not images by their names: green/notes.txt" in err
+    assert "AVIF images by their names: green/notes.txt" in err
     assert data.classes == ("blue", "green", "red")
     assert data.train_images.dtype == torch.uint8 and data.train_images.shape[1:] == (3, 32, 32)
     assert len(data.train_labels) + len(data.test_labels) == 36

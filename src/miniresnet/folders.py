@@ -4,8 +4,12 @@ folder alone, with a seeded, class-stratified share held out as the test set).
 Class names are the training folder's sub-folder names, sorted. Every image, of any size, mode and
 format, is prepared as `predict` prepares one (images.load_image: the largest centred square,
 resized), decoded once in parallel and cached as uint8 tensors in the cache directory, under a key
-made of every file's path, size and modification time, so adding, removing or changing a file
-rebuilds the cache. A file that cannot be read is listed and skipped (an error with `strict`).
+made of every file's path, size and modification time, the image size, the preparation's version
+and Pillow's, so adding, removing or changing a file rebuilds the cache. The cache holds only
+what those determine (the prepared images and which files could be read), never the labels: they
+follow from the class list of the run at hand, which another run may order differently. Caches
+unused for longest are deleted once the directory holds more than CACHE_BYTES. A file that cannot
+be read is listed and skipped (an error with `strict`).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from tqdm import tqdm
 from .data import ImageSet
 from .errors import MiniResNetError
 from .files import atomic_path
-from .images import IMAGE_SUFFIXES, load_image
+from .images import FORMATS_TEXT, IMAGE_SUFFIXES, display_name, files_under, listing, load_image
 from .runtime import available_cores, log
 
-CACHE_VERSION = 1  # bump when the preparation of an image changes
+CACHE_VERSION = 2  # bump when the preparation of an image changes
+CACHE_BYTES = 4 * 2**30  # the cache directory's size beyond which the least recently used caches go
 
 
 def default_cache_dir() -> Path:
@@ -54,30 +59,35 @@ def scan_class_folders(root: Path, classes: tuple[str, ...] | None = None) -> tu
         raise MiniResNetError(f"{root}: folders {unknown} are not among the classes {list(classes)}")
     files, labels, others = [], [], []
     for folder in folders:
-        everything = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        everything = files_under(folder)
         images = [f for f in everything if f.suffix.lower() in IMAGE_SUFFIXES]
         others += [f for f in everything if f.suffix.lower() not in IMAGE_SUFFIXES]
         if not images:
-            raise MiniResNetError(
-                f"class folder {folder} holds no images ({'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} files)"
-            )
+            raise MiniResNetError(f"class folder {display_name(folder)} holds no images ({FORMATS_TEXT} files)")
         files += images
         labels += [classes.index(folder.name)] * len(images)
     if others:
-        log(f"{root}: left out {len(others)} file(s) that are not images by their names: {listing(others, root)}")
+        log(
+            f"{display_name(root)}: left out {len(others)} file(s) that are not {FORMATS_TEXT} images by their "
+            f"names: {listing(others, root)}"
+        )
     return classes, files, labels
 
 
-def listing(paths: list[Path], root: Path, first: int = 5) -> str:
-    names = [str(p.relative_to(root)) for p in paths[:first]]
-    return ", ".join(names) + (f" and {len(paths) - first} more" if len(paths) > first else "")
-
-
 def cache_key(root: Path, files: list[Path], image_size: int) -> str:
-    digest = hashlib.sha256(f"{CACHE_VERSION} {image_size} {root.resolve()}\n".encode())
+    """A name for what the prepared images depend on. Paths go in as the file system's bytes: a
+    file name need not be valid UTF-8."""
+    import PIL
+
+    digest = hashlib.sha256(f"{CACHE_VERSION} {PIL.__version__} {image_size}\n".encode())
+    digest.update(os.fsencode(root.resolve()) + b"\n")
     for f in files:
-        stat = f.stat()
-        digest.update(f"{f.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = f.stat()
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:  # a broken link: load_image will say so
+            size, mtime = -1, -1
+        digest.update(os.fsencode(f.relative_to(root)) + f"\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()[:24]
 
 
@@ -99,13 +109,53 @@ def decode_images(files: list[Path], image_size: int, progress: bool) -> tuple[l
     return [results[i] for i in kept], kept, [r for r in results if isinstance(r, str)]
 
 
-def read_cache(path: Path) -> dict | None:
-    """A folder's cached preparation, or None when there is none or it is damaged (rebuilt, never trusted)."""
+def read_cache(path: Path, n_files: int) -> dict | None:
+    """A folder's cached preparation (images, indices of the files they are, errors of the
+    others), or None when there is none or it is damaged or foreign (rebuilt, never trusted)."""
     try:
         saved = torch.load(path, weights_only=True)
-        return saved if isinstance(saved, dict) and saved.keys() >= {"images", "labels", "unreadable"} else None
     except Exception:  # missing, truncated, foreign: all mean "decode again"
         return None
+    try:
+        images, kept, unreadable = saved["images"], saved["kept"], saved["unreadable"]
+        fits = images.dtype == torch.uint8 and len(images) == len(kept) == n_files - len(unreadable)
+        fits = fits and all(0 <= i < n_files for i in kept)
+    except (TypeError, KeyError, AttributeError):
+        return None
+    if not fits:
+        return None
+    os.utime(path)  # marks it used, for trim_cache
+    return saved
+
+
+def write_cache(path: Path, saved: dict) -> str:
+    """Save a folder's preparation, then trim the directory; says where it went (or why not)."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(saved, tmp)
+    except OSError as e:  # a read-only or full cache directory costs the next run a decode, nothing more
+        return f"not cached ({path}: {e.strerror or e})"
+    removed = trim_cache(path.parent, CACHE_BYTES, keep=path)
+    return f"cached in {path}" + (f"; removed {removed} cache(s) unused for longest" if removed else "")
+
+
+def trim_cache(cache_dir: Path, max_bytes: int, keep: Path) -> int:
+    """Delete the least recently used folder caches until the rest fit in `max_bytes`; returns how many."""
+    caches = []
+    for path in cache_dir.glob("folder-*.pt"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        caches.append((stat.st_mtime, stat.st_size, path))
+    total, removed = sum(size for _, size, _ in caches), 0
+    for _, size, path in sorted(caches):
+        if total <= max_bytes:
+            break
+        if path != keep:
+            path.unlink(missing_ok=True)
+            total, removed = total - size, removed + 1
+    return removed
 
 
 def prepared_folder(
@@ -115,21 +165,15 @@ def prepared_folder(
     classes, files, labels = scan_class_folders(root, classes)
     cache = cache_dir / f"folder-{cache_key(root, files, image_size)}.pt"
     started = time.perf_counter()
-    saved = read_cache(cache)
+    saved = read_cache(cache, len(files))
     if saved is not None:
         log(f"{root}: {len(saved['images']):,} images from the cache {cache} ({time.perf_counter() - started:.1f} s)")
     else:
         decoded, kept, unreadable = decode_images(files, image_size, progress)
         if not decoded:
             raise MiniResNetError(f"none of the {len(files)} images in {root} could be read: {unreadable[:3]}")
-        labels_kept = torch.tensor([labels[i] for i in kept], dtype=torch.int64)
-        saved = {"images": torch.stack(decoded), "labels": labels_kept, "unreadable": unreadable}
-        try:
-            with atomic_path(cache) as tmp:
-                torch.save(saved, tmp)
-            where = f"cached in {cache}"
-        except OSError as e:  # a read-only or full cache directory costs the next run a decode, nothing more
-            where = f"not cached ({cache}: {e.strerror or e})"
+        saved = {"images": torch.stack(decoded), "kept": torch.tensor(kept), "unreadable": unreadable}
+        where = write_cache(cache, saved)
         log(f"{root}: {len(decoded):,} images decoded and {where} ({time.perf_counter() - started:.1f} s)")
     if saved["unreadable"]:
         unreadable = saved["unreadable"]
@@ -138,7 +182,7 @@ def prepared_folder(
         if strict:
             raise MiniResNetError(f"{message}; fix or remove them: {shown}")
         log(f"{message}, skipped: {shown}")
-    return saved["images"], saved["labels"], classes
+    return saved["images"], torch.tensor(labels, dtype=torch.int64)[saved["kept"]], classes
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
