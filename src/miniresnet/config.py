@@ -176,8 +176,11 @@ class TrainConfig:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 8 <= self.image_size <= 512:
             problems.append(f"image_size must be between 8 and 512 pixels, got {self.image_size}")
-        if not 8 <= self.downscale_size <= max(32, self.image_size):
-            problems.append(f"downscale_size must be between 8 and the image size, got {self.downscale_size}")
+        if self.downscale_epochs and not 8 <= self.downscale_size <= self.image_size:  # never an upsampling
+            problems.append(
+                f"downscale_size must be between 8 and the image size ({self.image_size}) when downscale_epochs is "
+                f"set, got {self.downscale_size}"
+            )
         if not 0 < self.test_fraction < 1:
             problems.append(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
         if (self.train_folder or self.test_folder) and self.dataset != "folder":

@@ -336,7 +336,16 @@ def load_dataset(
     folders = (BIN_DIR, PY_DIR) if dataset == "cifar10" else (CIFAR100_PY_DIR, CIFAR100_BIN_DIR)
     present = any((data_dir / f).is_dir() for f in folders) or (data_dir.name in folders and data_dir.is_dir())
     if download and not present:
-        download_release(RELEASES[dataset], data_dir, progress=progress)
+        try:
+            download_release(RELEASES[dataset], data_dir, progress=progress)
+        except MiniResNetError as e:
+            if data_dir.is_dir() and any(not p.name.startswith(".") for p in data_dir.iterdir()):
+                expected = " or ".join(f"{f}/" for f in folders)
+                raise MiniResNetError(
+                    f"{data_dir} holds neither {RELEASES[dataset].name} ({expected}) nor image folders "
+                    f"(train/<class>/<images>); downloading it there failed too: {e}"
+                ) from None
+            raise
     if dataset == "cifar10":
         return load_cifar10(data_dir, verify=verify)
     return load_cifar100(data_dir, labels, verify=verify)

@@ -133,10 +133,19 @@ def export(model: MiniResNet, fmt: str, out: str | Path, images: torch.Tensor) -
     when the check passes."""
     if fmt not in FORMATS:
         raise MiniResNetError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.is_dir():
+        raise MiniResNetError(f"--out {out} is a directory; name the file to write, such as {out / ('model.' + fmt)}")
+    try:
+        return _export_checked(model, fmt, out, images)
+    except OSError as e:  # a folder that cannot be made or written, a full disk
+        raise MiniResNetError(f"cannot write {out}: {e.strerror or e}; nothing was written") from None
+
+
+def _export_checked(model: MiniResNet, fmt: str, out: Path, images: torch.Tensor) -> dict:
     wrapped = NormalizedModel(model, model.mean, model.std).eval()
     x = images.float() / 255
     expected = wrapped(x)
-    out = Path(out)
     with atomic_path(out) as tmp:  # renamed into place only if the check below passes
         about = describe(model)
         if fmt == "onnx":

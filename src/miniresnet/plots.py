@@ -130,7 +130,11 @@ def plot_evaluation(
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    _pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    except OSError as e:  # a folder that cannot be made or written: say where, once
+        raise MiniResNetError(f"cannot write the plot {path}: {e.strerror or e}") from None
+    finally:
+        _pyplot().close(fig)
     return path

@@ -32,8 +32,9 @@ RUN_FILES = (
 
 
 def open_run_dir(out: Path, epochs: int, resume: bool, overwrite: bool, is_main: bool = True) -> dict | None:
-    """A fresh run refuses a directory holding another run (unless `overwrite`); a resumed one
-    needs its checkpoint, which is returned. Only the main process changes files."""
+    """A fresh run goes into a new or empty directory, or replaces an earlier run with `overwrite`;
+    any other directory is refused, so nothing of anyone else's is overwritten or deleted. A
+    resumed run needs its checkpoint, which is returned. Only the main process changes files."""
     if resume:
         if not (out / "last.pt").is_file():
             raise MiniResNetError(f"there is no run to resume in {out}: {out / 'last.pt'} does not exist")
@@ -43,7 +44,15 @@ def open_run_dir(out: Path, epochs: int, resume: bool, overwrite: bool, is_main:
         if state.get("epoch") == epochs and (out / "summary.json").exists():  # written last of all
             raise MiniResNetError(f"the run in {out} has already finished all {epochs} epochs (see summary.json)")
         return state
-    if (out / "config.json").exists() and not overwrite:
+    is_run = (out / "config.json").is_file()
+    if out.exists() and not out.is_dir():
+        raise MiniResNetError(f"--out {out} is a file, not a directory")
+    if not is_run and out.is_dir() and any(out.iterdir()):  # someone else's files: never ours to replace
+        raise MiniResNetError(
+            f"{out} is not empty and holds no run (no config.json); a run is written only into a new or empty "
+            "directory, or over an earlier run with --overwrite: choose another --out"
+        )
+    if is_run and not overwrite:
         raise MiniResNetError(
             f"{out} already holds a run; choose another --out, pass --resume {out} to continue it, "
             "or --overwrite to replace it"
