@@ -25,8 +25,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import make_dataset
 from miniresnet.checkpoint import load_checkpoint, load_model
 from miniresnet.distributed import Distributed, sync_batchnorm
+from miniresnet.loader import BatchLoader
 from miniresnet.model import MiniResNet
 
 
@@ -62,6 +64,32 @@ def test_shards_cover_everything_once():
         for world in (1, 2, 3, 8):
             shards = [Distributed(rank=r, world_size=world).shard(n) for r in range(world)]
             assert sum((list(range(n))[s] for s in shards), []) == list(range(n))
+
+
+@pytest.mark.parametrize("n,left_out", [(23, 1), (21, 1), (20, 0)])
+def test_every_process_takes_an_equal_share_of_every_step(n, left_out):
+    """Batches of 10 for 2 processes: a last batch of 3 is cut to 2 (one image each), a last batch
+    of 1 is left out; the images left out are other ones each epoch. One process takes them all."""
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+
+    def steps(rank: int, world: int, epoch: int) -> list[torch.Tensor]:
+        images = torch.zeros(n, 3, 8, 8, dtype=torch.uint8)
+        loader = BatchLoader(images, torch.arange(n), 10, mean, std, shuffle=True, rank=rank, world_size=world)
+        loader.set_epoch(epoch)
+        assert loader.left_out == (left_out if world == 2 else 0)
+        return [labels for _, labels in loader]
+
+    left_out_by_epoch = []
+    for epoch in range(4):
+        one, (first, second) = steps(0, 1, epoch), (steps(rank, 2, epoch) for rank in (0, 1))
+        assert sum(len(labels) for labels in one) == n
+        assert len(first) == len(second) and all(len(a) == len(b) > 0 for a, b in zip(first, second, strict=True))
+        for whole, a, b in zip(one, first, second, strict=False):  # each step's shares are the batch one process sees
+            assert set(a.tolist()) | set(b.tolist()) <= set(whole.tolist()) and not set(a.tolist()) & set(b.tolist())
+        taken = torch.cat(first + second).tolist()
+        assert len(taken) == n - left_out
+        left_out_by_epoch.append(frozenset(range(n)) - set(taken))
+    assert len(set(left_out_by_epoch)) > 1 if left_out else left_out_by_epoch == [frozenset()] * 4
 
 
 def torchrun(nproc: int, *args: str, check: bool = True, popen: bool = False):
@@ -162,3 +190,21 @@ def test_resume_across_process_counts(tiny_data, tmp_path):
     history = metrics(run)
     assert [m["epoch"] for m in history] == list(range(1, 31))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_torchrun_with_a_last_batch_smaller_than_the_processes(tiny_data, tmp_path):
+    """21 training images in batches of 20 for 2 processes: the last batch's one image cannot be
+    shared, so it is left out (said once) rather than leaving one process an empty batch (NaN)."""
+    run = torchrun(2, *train_args(tiny_data, tmp_path / "run", "--epochs", "1", "--val-split", "179"))
+    assert run.stderr.count("each epoch leaves out 1 of its 21 training images") == 1
+    (record,) = metrics(tmp_path / "run")
+    assert torch.isfinite(torch.tensor(record["train_loss"])) and 0 <= record["val_acc"] <= 1
+
+
+def test_torchrun_with_eval_sets_smaller_than_the_processes(tmp_path):
+    """A test set and a validation split of one image each: the second process's shards are empty."""
+    data = make_dataset(tmp_path / "data", test_size=1)
+    torchrun(2, *train_args(data, tmp_path / "run", "--epochs", "1", "--val-split", "1", "--batch-size", "100"))
+    assert json.loads((tmp_path / "run" / "test_eval.json").read_text())["n"] == 1
+    (record,) = metrics(tmp_path / "run")
+    assert record["test_acc"] in (0.0, 1.0) and record["val_acc"] in (0.0, 1.0)

@@ -206,7 +206,9 @@ def test_checkpoint_carries_the_fp16_loss_scale():
     model = MiniResNet((4, 8, 8), 1)
     optimizer = build_optimizer(model, TrainConfig())
     facts = dict(epoch=1, tally={}, history=[], best_val=-1.0, seconds=1.0, classes=("a",), image_size=32)
-    facts |= dict(mean=torch.zeros(3), std=torch.ones(3), config={}, device=torch.device("cpu"))
+    facts |= dict(
+        mean=torch.zeros(3), std=torch.ones(3), data_fingerprint="0" * 64, config={}, device=torch.device("cpu")
+    )
 
     state = training_checkpoint(model, optimizer, None, torch.amp.GradScaler("cpu", init_scale=256.0), **facts)
     restored = torch.amp.GradScaler("cpu", init_scale=1024.0)

@@ -4,9 +4,14 @@ hold tensors and plain data but never code."""
 
 from __future__ import annotations
 
+import codecs
 import json
-import pickle
+import math
+import re
+import reprlib
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +24,17 @@ from .safetensors_file import load_safetensors, looks_like_safetensors
 
 FORMAT = "miniresnet-checkpoint"
 RENAMED_KEYS = {"model": "weights", "trained_model": "trained_weights"}
+WEIGHTS_ONLY_REFUSAL = "Weights only load failed"  # how torch.load(weights_only=True) starts saying it refused a file
+# PyTorch names a refused global as "Unsupported global: GLOBAL x.y was not..." or "...GLOBAL x.y whose module..."
+REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+# Bounds on the model a file describes, checked before anything is built: far beyond any MiniResNet
+# trained here, far short of what a hostile file would need to exhaust memory.
+MAX_STAGES = 8  # each stage after the first halves the image: 8 take 256 pixels to 2
+MAX_WIDTH = 1024  # channels in a stage: 16 times the seed spec's widest
+MAX_BLOCKS_PER_STAGE = 16  # a ResNet-110 has 18 blocks per stage; MiniResNets have 1 to 4
+MAX_CLASSES = 100_000  # ImageNet-21k has ~22,000 classes
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # the side images are prepared at, in pixels; CIFAR's is 32
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -50,12 +66,14 @@ def training_checkpoint(
     image_size: int,
     mean: torch.Tensor,
     std: torch.Tensor,
+    data_fingerprint: str,
     config: dict,
     device: torch.device,
 ) -> dict:
     """What a checkpoint holds. To use the model: `arch`, `weights` (the EMA average when EMA is
     on), `classes`, `image_size` (the side images are prepared at), `mean` and `std`. To continue
-    the run exactly: the `config`, `epoch` (finished epochs), the optimizer's `trained_weights`
+    the run exactly: the `data_fingerprint` (the SHA-256 of the images and labels trained on, which
+    a resume checks), the `config`, `epoch` (finished epochs), the optimizer's `trained_weights`
     (only when EMA is on: otherwise they are `weights`), the optimizer, EMA and fp16 loss-scaler
     states, the current
     epoch's `tally` (its step and running sums), the metrics `history`, `best_val`, the `seconds`
@@ -67,6 +85,7 @@ def training_checkpoint(
         "image_size": image_size,
         "mean": mean.tolist(),
         "std": std.tolist(),
+        "data_fingerprint": data_fingerprint,
         "config": config,
         "epoch": epoch,
         "trained_weights": model.state_dict() if ema else None,
@@ -110,17 +129,35 @@ def load_checkpoint(path: str | Path) -> dict:
         raise MiniResNetError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MiniResNetError(
-            f"{path} is not a readable checkpoint (truncated, corrupt, or not a PyTorch file): {first_line}"
-        ) from None
+    except Exception as e:  # on bytes that are no checkpoint, torch.load raises many types (KeyError, IndexError...)
+        raise MiniResNetError(refused_checkpoint_message(path, e)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MiniResNetError(f"{path} is a PyTorch file but not a miniresnet checkpoint")
     for old, new in RENAMED_KEYS.items():  # checkpoints written before the rename still load
         if old in state and new not in state:
             state[new] = state.pop(old)
     return state
+
+
+def refused_checkpoint_message(path: Path, error: Exception) -> str:
+    """Why torch.load(weights_only=True) did not load `path`, without PyTorch's advice to load it
+    with weights_only=False (which runs whatever code the file holds)."""
+    text = str(error)
+    refused_global = REFUSED_GLOBAL.search(text) if text.startswith(WEIGHTS_ONLY_REFUSAL) else None
+    if refused_global:
+        return (
+            f"{path} was refused for safety: it holds Python objects other than tensors and plain data "
+            f"(the refused global: {refused_global[1]}), and loading those could run code; "
+            "a miniresnet checkpoint holds only tensors and plain data"
+        )
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    reason = lines[0] if lines else type(error).__name__
+    if text.startswith(WEIGHTS_ONLY_REFUSAL):
+        return (
+            f"{path} is not a readable checkpoint: PyTorch's safe loader, which takes only tensors and plain data, "
+            f"stopped without naming a refused global (the file is corrupt or holds other Python objects): {reason}"
+        )
+    return f"{path} is not a readable checkpoint (truncated, corrupt, or not a PyTorch file): {reason}"
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,40 +171,181 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def model_from_checkpoint(state: dict) -> MiniResNet:
-    arch = state["arch"]
-    model = MiniResNet(tuple(arch["widths"]), arch["blocks_per_stage"], arch["num_classes"])
+class Arch(NamedTuple):
+    """A MiniResNet's architecture, in the order MiniResNet takes it."""
+
+    widths: tuple[int, ...]
+    blocks_per_stage: int
+    num_classes: int
+
+
+def model_from_checkpoint(state: dict, source: str | Path = "the checkpoint") -> MiniResNet:
+    """The model a checkpoint or an export (`read_model`'s dict) describes, carrying its `classes`,
+    `image_size` and input normalisation (`mean`, `std`, [0, 1] scale). Everything is checked
+    before the model is built: the arch against the bounds above, the weights' names and shapes
+    against that arch's, so a file cannot make this allocate more than the weights it holds.
+    Anything amiss is one MiniResNetError naming `source`."""
+    arch = checked_arch(state.get("arch"), source)
+    weights = checked_weights(state.get("weights"), arch, source)
+    classes = state.get("classes")
+    if not (isinstance(classes, list | tuple) and len(classes) == arch.num_classes and all_strings(classes)):
+        raise unusable(source, f"its classes are {shown(classes)}, not {arch.num_classes} names (its num_classes)")
+    image_size = state.get("image_size", 32)  # checkpoints before image folders: CIFAR's 32
+    if not is_whole(image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE):
+        raise unusable(
+            source,
+            f"its image_size is {shown(image_size)}, not a side of {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels",
+        )
+    mean = checked_channel_values("mean", state.get("mean"), source)
+    std = checked_channel_values("std", state.get("std"), source)
+    if min(std) <= 0:
+        raise unusable(source, f"its std is {std}; each must be above 0 (images are divided by it)")
+    model = MiniResNet(*arch)
     try:
-        model.load_state_dict(strip_prefixes(state["weights"]))
-    except RuntimeError as e:
-        raise MiniResNetError(f"the checkpoint's weights do not fit a MiniResNet{tuple(arch['widths'])}: {e}") from None
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # the names and shapes fit, but PyTorch cannot copy some tensor (a meta one, say)
+        raise unusable(source, f"its weights could not be copied into the model: {first_line(e)}") from None
+    model.classes, model.image_size = tuple(classes), image_size
+    model.mean, model.std = torch.tensor(mean), torch.tensor(std)
     return model
 
 
+def checked_arch(arch: object, source: str | Path) -> Arch:
+    """`arch` as an Arch, when it is a table of widths, blocks_per_stage and num_classes within the bounds."""
+    if not isinstance(arch, dict):
+        raise unusable(source, f"its arch is {shown(arch)}, not a table of widths, blocks_per_stage and num_classes")
+    widths, blocks_per_stage, num_classes = arch.get("widths"), arch.get("blocks_per_stage"), arch.get("num_classes")
+    if not (
+        isinstance(widths, list | tuple)
+        and 1 <= len(widths) <= MAX_STAGES
+        and all(is_whole(width, 1, MAX_WIDTH) for width in widths)
+    ):
+        raise unusable(
+            source, f"its widths are {shown(widths)}, not 1 to {MAX_STAGES} stage widths from 1 to {MAX_WIDTH}"
+        )
+    if not is_whole(blocks_per_stage, 0, MAX_BLOCKS_PER_STAGE):
+        raise unusable(source, f"its blocks_per_stage is {shown(blocks_per_stage)}, not 0 to {MAX_BLOCKS_PER_STAGE}")
+    if not is_whole(num_classes, 1, MAX_CLASSES):
+        raise unusable(source, f"its num_classes is {shown(num_classes)}, not 1 to {MAX_CLASSES:,}")
+    return Arch(tuple(widths), blocks_per_stage, num_classes)
+
+
+def checked_weights(weights: object, arch: Arch, source: str | Path) -> dict[str, torch.Tensor]:
+    """`weights` without their DDP and compile prefixes, when their names and shapes are exactly
+    those of the model `arch` describes (compared with one built on the meta device: no memory)."""
+    if not (isinstance(weights, dict) and all_strings(weights) and all_tensors(weights.values())):
+        raise unusable(source, "its weights are not a table of named tensors")
+    weights = strip_prefixes(weights)
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape) for name, tensor in MiniResNet(*arch).state_dict().items()}
+    found = {name: tuple(tensor.shape) for name, tensor in weights.items()}
+    differences = [f"{name} is missing" for name in expected if name not in found]
+    differences += [f"{name} is not in that model" for name in found if name not in expected]
+    differences += [
+        f"{name} has shape {found[name]} where that model has {shape}"
+        for name, shape in expected.items()
+        if name in found and found[name] != shape
+    ]
+    if differences:
+        more = f" (and {len(differences) - 1} more differences)" if len(differences) > 1 else ""
+        raise unusable(
+            source,
+            f"its weights do not fit the model its arch describes (widths {arch.widths}, {arch.blocks_per_stage} "
+            f"blocks per stage, {arch.num_classes} classes): {differences[0]}{more}",
+        )
+    return weights
+
+
+def checked_channel_values(name: str, values: object, source: str | Path) -> list[float]:
+    """The 3 per-channel numbers `name` (mean or std) holds, from a list or (in an export) a tensor."""
+    if isinstance(values, torch.Tensor) and values.numel() == 3:
+        values = values.flatten().tolist()
+    if not (isinstance(values, list | tuple) and len(values) == 3 and all(is_finite_number(v) for v in values)):
+        raise unusable(source, f"its {name} is {shown(values)}, not 3 numbers (one per RGB channel)")
+    return [float(v) for v in values]
+
+
+def unusable(source: str | Path, problem: str) -> MiniResNetError:
+    return MiniResNetError(f"{source} is not a usable model: {problem}")
+
+
+def shown(value: object) -> str:
+    """`value` for a message, cut short when long (a hostile file's values can be huge)."""
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else reprlib.repr(value)
+
+
+def first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def is_whole(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def all_strings(values: Iterable) -> bool:
+    return all(isinstance(value, str) for value in values)
+
+
+def all_tensors(values: Iterable) -> bool:
+    return all(isinstance(value, torch.Tensor) for value in values)
+
+
 def read_exported_model(path: str | Path) -> dict:
-    """What `load_model` needs (arch, weights, classes, mean, std) from a `miniresnet export
-    --format safetensors` file: a normalised model's tensors plus the architecture and classes."""
+    """What `model_from_checkpoint` needs (arch, weights, classes, image_size, mean, std) from a
+    `miniresnet export --format safetensors` file: a normalised model's tensors, plus the
+    architecture, classes and image size as JSON in its metadata."""
     tensors, metadata = load_safetensors(path)
     if metadata.get("format") != "miniresnet":
         raise MiniResNetError(f"{path} is a safetensors file but not a miniresnet model (no miniresnet metadata)")
-    try:
-        return {
-            "arch": json.loads(metadata["arch"]),
-            "weights": {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
-            "classes": json.loads(metadata["classes"]),
-            "image_size": int(metadata.get("image_size", 32)),
-            "mean": tensors["mean"].flatten().tolist(),
-            "std": tensors["std"].flatten().tolist(),
-        }
-    except (KeyError, ValueError) as e:
-        raise MiniResNetError(f"{path} is a miniresnet safetensors file without its {e}") from None
+    missing = [key for key in ("arch", "classes") if key not in metadata]
+    missing += [name for name in ("mean", "std") if name not in tensors]
+    if missing:
+        raise MiniResNetError(f"{path} is a miniresnet safetensors file without its {' and '.join(missing)}")
+    described = {}
+    for key in ("arch", "classes", "image_size"):  # no image_size in exports from before image folders
+        if key in metadata:
+            try:
+                described[key] = json.loads(metadata[key])
+            except (ValueError, RecursionError):
+                raise MiniResNetError(f"{path} has metadata {key!r} that is not JSON: {shown(metadata[key])}") from None
+    return {
+        **described,
+        "weights": {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+        "mean": tensors["mean"],
+        "std": tensors["std"],
+    }
+
+
+def text_kind(path: Path) -> str | None:
+    """'JSON' or 'text' when the file starts as text does (every model file is binary), else None."""
+    with open(path, "rb") as f:
+        start = f.read(4096)
+    try:  # incrementally, so that a character cut in two at the end of `start` is no error
+        text = codecs.getincrementaldecoder("utf-8")().decode(start).removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        return None
+    if not text or not all(c.isprintable() or c in "\t\n\r" for c in text):
+        return None
+    return "JSON" if text.lstrip().startswith(("{", "[")) else "text"
 
 
 def read_model(source: str | Path) -> dict:
-    """A model's arch, weights, classes, mean and std from a checkpoint, a safetensors export or a
-    shipped model's name (a file of that name wins)."""
+    """A model's arch, weights, classes, image size, mean and std from a checkpoint, a safetensors
+    export or a shipped model's name (a file of that name wins)."""
     path = Path(source)
     if path.is_file():
+        kind = text_kind(path)
+        if kind:
+            raise MiniResNetError(
+                f"{path} is not a model file: it looks like {kind}; give a checkpoint (.pt) from `miniresnet train`, "
+                "a safetensors export (`miniresnet export --format safetensors`) or a shipped model's name "
+                "(`miniresnet models` lists them)"
+            )
         return read_exported_model(path) if looks_like_safetensors(path) else load_checkpoint(path)
     if path.is_dir():
         raise MiniResNetError(f"{path} is a directory; name a checkpoint in it (such as {path / 'last.pt'})")
@@ -180,10 +358,4 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> MiniRe
     """A trained model, in eval mode, in one line, from a checkpoint written by `miniresnet train`,
     a safetensors file written by `miniresnet export`, or a shipped model's name ("best", "seed").
     It carries `classes`, `image_size` and the input normalisation (`mean`, `std`, [0, 1] scale)."""
-    state = read_model(source)
-    model = model_from_checkpoint(state).to(device).eval()
-    model.classes = tuple(state["classes"])
-    model.image_size = int(state.get("image_size", 32))  # checkpoints before image folders: CIFAR's 32
-    model.mean = torch.tensor(state["mean"])
-    model.std = torch.tensor(state["std"])
-    return model
+    return model_from_checkpoint(read_model(source), source).to(device).eval()

@@ -63,6 +63,8 @@ RESUMABLE_OVERRIDES = {
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from pathlib import Path
+
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in given.items() if v is not None}
     if args.resume is None:
@@ -70,7 +72,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.preset:
         raise MiniResNetError("--resume continues a run with its own config.json; drop --preset")
     saved = load_run_config(args.resume)
-    changed = sorted(k for k, v in given.items() if k not in RESUMABLE_OVERRIDES and k != "out_dir")
+    out = given.pop("out_dir", args.resume)  # the run continues where it is; --out may only name that place
+    if Path(out).resolve() != Path(args.resume).resolve():
+        raise MiniResNetError(f"--resume continues the run in {args.resume} where it is; drop --out {out}")
+    changed = sorted(k for k in given if k not in RESUMABLE_OVERRIDES)
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise MiniResNetError(
@@ -141,6 +146,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluate import metrics
 
+    if args.plots:  # before the work, not after it
+        try:
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MiniResNetError(f"--plots {args.plots}: cannot make the folder ({e.strerror or e})") from None
     model, device, precision = load_for_inference(args)
     if args.image_folder:
         from .folders import default_cache_dir, prepared_folder
@@ -188,7 +198,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import classify
-    from .images import find_images, load_image
+    from .images import display_name, find_images, load_image
 
     model, device, precision = load_for_inference(args)
     if not 1 <= args.top_k <= len(model.classes):
@@ -215,10 +225,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         elif args.json:
             print(json.dumps({"file": str(f), "top_k": [{"class": c, "probability": p} for c, p in ranked[f]]}))
         else:
-            print(f"{f}: " + ", ".join(f"{c} {p:.1%}" for c, p in ranked[f]))
+            print(f"{display_name(f)}: " + ", ".join(f"{c} {p:.1%}" for c, p in ranked[f]))
     if errors:
         print(f"miniresnet: {len(errors)} of {len(files)} files could not be read", file=sys.stderr)
     return 1 if errors else 0
+
+
+def check_images_for(model, args: argparse.Namespace):
+    """The CIFAR data set a model was trained on (by its classes), whose test images check an export."""
+    from .data import CLASSES, load_dataset
+
+    if model.image_size == 32 and model.classes == CLASSES:
+        return load_dataset("cifar10", args.data_dir, verify=args.verify_data)
+    if model.image_size == 32 and len(model.classes) in (100, 20):  # CIFAR-100's fine or coarse classes
+        labels = "fine" if len(model.classes) == 100 else "coarse"
+        return load_dataset("cifar100", args.data_dir, labels, verify=args.verify_data)
+    raise MiniResNetError(
+        f"this model's {len(model.classes)} classes at {model.image_size}x{model.image_size} are not CIFAR-10's or "
+        "CIFAR-100's: give --image-folder with images to check the export on"
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -238,12 +263,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not files:
             raise MiniResNetError(f"no image files found in {args.image_folder}")
         images = torch.stack([load_image(f, size) for f in files])
-    elif size != 32:
-        raise MiniResNetError(f"this model takes {size}x{size} images: give --image-folder to check the export on")
     else:
-        from .data import load_cifar10
-
-        images = load_cifar10(args.data_dir, verify=args.verify_data).test_images[: args.check_images]
+        images = check_images_for(model, args).test_images[: args.check_images]
     result = export(model, args.format, args.out, images)
     if args.json:
         print(json.dumps(result))
@@ -298,6 +319,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
+        decode_workers=args.decode_workers,
+        body_timeout_s=args.body_timeout_s,
+        max_connections=args.max_connections,
+        keep_alive_s=args.keep_alive_s,
         threads=args.threads,
     )
     from .checkpoint import load_model
@@ -423,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="MODEL", help=MODEL_HELP)
     export.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), required=True)
     export.add_argument("--out", required=True, help="the file to write")
-    export.add_argument("--data-dir", default="data", help="CIFAR-10, whose test images the check runs on")
+    export.add_argument(
+        "--data-dir", default="data", help="CIFAR-10 or CIFAR-100 (the model's), whose test images the check runs on"
+    )
     export.add_argument("--image-folder", metavar="DIR", help="check on the images in DIR instead (any model)")
     export.add_argument("--check-images", type=positive_int, default=256, help="test images to compare logits on")
     export.add_argument(
@@ -452,9 +479,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=positive_int, default=32, help="images per forward pass, at most")
     serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill after its first")
-    serve.add_argument("--max-queue", type=positive_int, default=256, help="requests waiting; more are refused (503)")
-    serve.add_argument("--max-upload-mb", type=float, default=8.0, help="largest upload accepted")
-    serve.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="largest image (width x height)")
+    serve.add_argument(
+        "--max-queue", type=positive_int, default=64, help="requests in progress (upload to answer); more get 503"
+    )
+    serve.add_argument("--max-upload-mb", type=float, default=32.0, help="largest upload accepted (413 above)")
+    serve.add_argument("--max-pixels", type=positive_int, default=50_000_000, help="largest image (width x height)")
+    serve.add_argument("--decode-workers", type=int, default=0, help="images decoding at once; 0 = the cores")
+    serve.add_argument(
+        "--body-timeout-s", type=float, default=30.0, help="an upload must arrive whole within this (408 after)"
+    )
+    serve.add_argument("--max-connections", type=positive_int, default=512, help="open connections; more get 503")
+    serve.add_argument("--keep-alive-s", type=positive_int, default=5, help="an idle connection closes after this")
     serve.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
     serve.set_defaults(run=cmd_serve)
 
@@ -493,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("miniresnet: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the system refused a read or a write that no check foresaw: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"miniresnet: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 Every process holds the whole data set and draws the same epoch permutation and augmentation
 (same seed), then takes its own share of every global batch (positions rank, rank + N, ...), so
-the N shares of a step are exactly the batch one process would see. DistributedDataParallel
-averages the gradients; with `sync_bn`, BatchNorm statistics are summed across the processes too,
-so N processes compute what one computes (up to float summation order). Evaluation is split into
-N contiguous shards whose logits are gathered, so every image counts exactly once. Process 0
-alone writes files and logs. gloo on CPU, nccl on CUDA.
+the N shares of a step are exactly the batch one process would see. The shares are equal at
+every step: the global batch is a multiple of N, and the epoch's last, partial batch is cut to a
+multiple of N (its last few images are left out of that epoch; see loader.BatchLoader).
+DistributedDataParallel averages the gradients; with `sync_bn`, BatchNorm statistics are summed
+across the processes too, so N processes compute what one computes (up to float summation order
+and those few images). Evaluation is split into N contiguous shards whose logits are gathered, so
+every image counts exactly once; a set smaller than N leaves some shards empty. Process 0 alone
+writes files and logs. gloo on CPU, nccl on CUDA.
 
 A single process (no torchrun) gets `Distributed()` whose collectives return their input.
 """
@@ -58,13 +61,15 @@ class Distributed:
             dist.barrier()
 
     def shard(self, n: int) -> slice:
-        """This process's contiguous share of n items (the first n % N processes get one more)."""
+        """This process's contiguous share of n items (the first n % N processes get one more; with
+        n < N, the last processes get none)."""
         base, extra = divmod(n, self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (self.rank < extra))
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """Every process's rows, concatenated in rank order (the inverse of `shard`)."""
+        """Every process's rows, concatenated in rank order (the inverse of `shard`). A process with
+        an empty shard passes an empty tensor of the same shape otherwise, (0, C), so that cat fits."""
         if not self.enabled:
             return rows
         parts: list = [None] * self.world_size

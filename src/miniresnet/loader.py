@@ -13,8 +13,13 @@ from .augment import crop_flip, cut_out, normalize, pad, random_crops, random_sq
 
 class BatchLoader:
     """Yields (images, labels) batches: normalised images (float32 unless `dtype` says otherwise),
-    int64 labels. With
-    world_size N > 1 it yields this process's share of each global batch (see distributed.py).
+    int64 labels. With world_size N > 1 it yields this process's share of each global batch (see
+    distributed.py), and every process takes the same number of images at every step: a full batch
+    splits evenly (batch_size is a multiple of N), and the epoch's last, partial batch is cut to a
+    multiple of N by leaving out its last `left_out` (< N) images, other ones each epoch since the
+    order is shuffled; a last batch of fewer than N images is left out whole. DistributedDataParallel
+    averages the processes' gradients as equals, so unequal shares would weigh images unequally, and
+    a process with none would average an empty batch (NaN). One process (N = 1) leaves nothing out.
 
     Randomness comes from a generator seeded by (seed, epoch), drawn for the whole epoch up front,
     so an epoch's order and augmentation are the same whenever it is replayed, and `batches(start)`
@@ -43,6 +48,8 @@ class BatchLoader:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be a multiple of the {world_size} processes")
         self.size = images.shape[-1]
         # channels_last: each pixel's C values side by side, what crop_flip gathers and the model reads
         self.images = pad(images, crop_padding).to(device).contiguous(memory_format=torch.channels_last)
@@ -57,6 +64,7 @@ class BatchLoader:
             self.first_mirrored = torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5
         self.seed = seed
         self.rank, self.world_size = rank, world_size  # this process takes positions rank, rank + N, ...
+        self.left_out = len(labels) % batch_size % world_size  # the images N processes cannot share equally
         self.epoch = 0
         self.resize_to: int | None = None  # progressive resizing: yield images scaled to this size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -66,7 +74,11 @@ class BatchLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self.images_per_epoch // self.batch_size)
+
+    @property
+    def images_per_epoch(self) -> int:
+        return len(self.labels) - self.left_out
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches(0)
@@ -87,8 +99,9 @@ class BatchLoader:
         if self.cutout:  # drawn after the crops, so turning it on leaves their stream as it was
             cy, cx = (t.to(device) for t in random_squares(n, self.size, generator))
         order = order.to(device)
-        for first in range(start * self.batch_size, n, self.batch_size):
-            picked = torch.arange(first + self.rank, min(first + self.batch_size, n), self.world_size, device=device)
+        used = self.images_per_epoch  # the draws above cover all n, so leaving images out changes none of them
+        for first in range(start * self.batch_size, used, self.batch_size):
+            picked = torch.arange(first + self.rank, min(first + self.batch_size, used), self.world_size, device=device)
             index = order[picked]
             images = self.images[index]
             if augment:

@@ -6,8 +6,10 @@ metrics.jsonl and a checkpoint. The summary's accuracy is the final epoch's, nev
 
 A run can stop and carry on: `last.pt` holds everything the next step depends on (see
 checkpoint.training_checkpoint), the data order comes from (seed, epoch) alone, so
-`train(cfg, resume=True)` continues exactly where the checkpoint left off. SIGINT and SIGTERM
-finish the current step, save, and stop.
+`train(cfg, resume=True)` continues exactly where the checkpoint left off. It continues on the
+data it was trained on only: the checkpoint records the classes, image size, mean and std and a
+SHA-256 of the images and labels, and a resume on other data is refused (see check_resumed_data).
+SIGINT and SIGTERM finish the current step, save, and stop.
 
 Names: `model` is the plain MiniResNet the optimizer updates; `model_to_train` is what the steps
 run (the model itself, or its DistributedDataParallel and/or torch.compile wrapper, sharing its
@@ -18,6 +20,7 @@ EMA is on, else the model).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import sys
 import time
@@ -33,7 +36,7 @@ from tqdm import tqdm
 from .augment import channel_stats, normalize
 from .checkpoint import restore_training, save_checkpoint, training_checkpoint
 from .config import TrainConfig
-from .data import load_dataset
+from .data import ImageSet, load_dataset
 from .distributed import Distributed, init_distributed, shutdown_distributed, sync_batchnorm
 from .ema import EMA
 from .errors import MiniResNetError
@@ -140,8 +143,8 @@ class Progress:
 @dataclass
 class TrainingData:
     """The images a run uses, as uint8 tensors: the training images (less the validation split),
-    the sets evaluated after epochs ({"test": ..., "val": ...}), the training set's statistics, and
-    the class names and data set name."""
+    the sets evaluated after epochs ({"test": ..., "val": ...}), the training set's statistics, the
+    class names and data set name, and the whole data set's fingerprint (see data_fingerprint)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -150,6 +153,7 @@ class TrainingData:
     std: torch.Tensor
     classes: tuple[str, ...]
     name: str
+    fingerprint: str
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -182,6 +186,10 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
 
     # The data, the model and what trains it.
     data = prepare_data(cfg)
+    if saved:  # before the model is shaped by the data: a resume on other data stops here, with the reason
+        note = check_resumed_data(saved, data, cfg, out)
+        if note:
+            say(note)
     loader = BatchLoader(
         data.train_images,
         data.train_labels,
@@ -200,6 +208,13 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         rank=ddp.rank,
         world_size=ddp.world_size,
     )
+    if loader.left_out:
+        n = len(data.train_labels)
+        say(
+            f"each epoch leaves out {loader.left_out} of its {n:,} training images (other ones each epoch): its last "
+            f"batch of {n % cfg.batch_size} is cut to a multiple of the {ddp.world_size} processes, which take equal "
+            "shares of every batch"
+        )
     model = MiniResNet(cfg.widths, cfg.blocks_per_stage, len(data.classes), zero_init_residual=cfg.zero_init_residual)
     if cfg.stem_init == "whitened":  # from a fixed 5,000 training images: the same filters on every process
         whiten_stem(model, normalize(data.train_images[:5000], data.mean, data.std))
@@ -226,6 +241,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         resolved = {
             "device": str(device),
             "data": data.name,
+            "data_fingerprint": data.fingerprint,
             "classes": list(data.classes),
             "threads": threads,
             "precision": precision.name,
@@ -269,6 +285,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             image_size=cfg.image_size,
             mean=data.mean,
             std=data.std,
+            data_fingerprint=data.fingerprint,
             config=cfg.to_dict(),
             device=device,
         )
@@ -332,7 +349,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                 record |= scores
             record["seconds"] = time.perf_counter() - epoch_start
             record["elapsed"] = progress.earlier_seconds + time.perf_counter() - started
-            record["images_per_sec"] = len(data.train_labels) / train_seconds
+            record["images_per_sec"] = loader.images_per_epoch / train_seconds
             progress.history.append(record)
             improved = record.get("val_acc", -1.0) > progress.best_val
             progress.best_val = max(progress.best_val, record.get("val_acc", progress.best_val))
@@ -404,7 +421,69 @@ def prepare_data(cfg: TrainConfig) -> TrainingData:
         eval_sets["val"] = (data.train_images[n_train:], data.train_labels[n_train:])
     train_images, train_labels = data.train_images[:n_train], data.train_labels[:n_train]
     mean, std = channel_stats(train_images)
-    return TrainingData(train_images, train_labels, eval_sets, mean, std, data.classes, data.name)
+    return TrainingData(
+        train_images, train_labels, eval_sets, mean, std, data.classes, data.name, data_fingerprint(data)
+    )
+
+
+def data_fingerprint(data: ImageSet) -> str:
+    """The SHA-256 of a data set's training and test images and labels (their shapes, types and
+    bytes): equal only for the same images with the same labels in the same order, wherever the
+    files lie. Well under a second for CIFAR-10's 180 MB."""
+    digest = hashlib.sha256()
+    for tensor in (data.train_images, data.train_labels, data.test_images, data.test_labels):
+        digest.update(f"{tuple(tensor.shape)} {tensor.dtype}\n".encode())
+        digest.update(tensor.contiguous().numpy())
+    return digest.hexdigest()
+
+
+def check_resumed_data(saved: dict, data: TrainingData, cfg: TrainConfig, out: Path) -> str | None:
+    """Refuse to resume on other data than the checkpoint was trained on: other classes end in a
+    shape mismatch (or, as many of them, train on with outputs that now mean other things), and
+    another mean and std or other images would carry on silently. One error line names the first fact that
+    differs. A checkpoint from before data fingerprints is compared on classes, image size, mean
+    and std only: the note returned then says so (None otherwise)."""
+    saved_fingerprint = saved.get("data_fingerprint")  # absent in checkpoints written before it existed
+    saved_size, size = saved.get("image_size", 32), data.train_images.shape[-1]
+    facts = [  # (as trained, as given now) in words, the most telling first
+        (f"classes {listed(saved['classes'])}", f"classes {listed(data.classes)}"),
+        (f"{saved_size}x{saved_size} images", f"{size}x{size} images"),
+        (
+            f"mean {listed(saved['mean'], digits=4)} and std {listed(saved['std'], digits=4)}",
+            f"mean {listed(data.mean.tolist(), digits=4)} and std {listed(data.std.tolist(), digits=4)}",
+        ),
+    ]
+    if saved_fingerprint is not None:
+        facts.append(
+            (f"images and labels of SHA-256 {saved_fingerprint}", f"images and labels of SHA-256 {data.fingerprint}")
+        )
+    trained_on, given = data_source(saved["config"]), data_source(cfg.to_dict())
+    for then, now in facts:
+        if then != now:
+            raise MiniResNetError(
+                f"the run in {out} was trained on {trained_on} with {then}; {given} gives {now}: "
+                "resume with the same data, or start a new run"
+            )
+    if saved_fingerprint is None:
+        return (
+            f"{out / 'last.pt'} predates data fingerprints: {given} has its classes, image size, mean and std, "
+            "but whether its image files are the ones trained on could not be compared"
+        )
+    return None
+
+
+def data_source(config: dict) -> str:
+    """Where a run's data comes from, in words: the data set and the directory (or folder) named."""
+    dataset = config.get("dataset", "cifar10")  # configs from before CIFAR-100 and image folders lack these
+    if dataset == "folder":
+        return f"image folder {config.get('train_folder') or Path(config['data_dir']) / 'train'}"
+    return f"{dataset} in {config['data_dir']}"
+
+
+def listed(values: list | tuple, digits: int | None = None) -> str:
+    """A list for a message, its numbers rounded to `digits`; a long one is cut after 10 items."""
+    shown = [str(v if digits is None else round(v, digits)) for v in values]
+    return f"[{', '.join(shown[:10])}" + (f", ... ({len(shown)} in all)]" if len(shown) > 10 else "]")
 
 
 def wrap_for_training(model: torch.nn.Module, compile: bool, ddp: Distributed, device: torch.device) -> torch.nn.Module:
@@ -544,9 +623,13 @@ def evaluate_sets(
     _tta suffix for the augmented evaluation), and the test set's logits and metrics of the last mode."""
     scores, test_logits, test_result = {}, None, None
     for name, (images, labels) in data.eval_sets.items():
+        share = images[ddp.shard(len(images))]  # each process one contiguous shard; gathered in order
         for tta in ttas:
-            share = ddp.shard(len(images))  # each process one contiguous shard; gathered in order
-            logits = ddp.gather(predict_logits(model, images[share], data.mean, data.std, tta=tta, **options))
+            # A set smaller than the processes leaves some with no share: their part of the gather is empty.
+            mine = torch.empty(0, len(data.classes), dtype=torch.float32)
+            if len(share):
+                mine = predict_logits(model, share, data.mean, data.std, tta=tta, **options)
+            logits = ddp.gather(mine)
             result = metrics(logits, labels, data.classes)
             suffix = "" if tta == "none" else "_tta"
             scores[f"{name}_loss{suffix}"], scores[f"{name}_acc{suffix}"] = result["loss"], result["accuracy"]
