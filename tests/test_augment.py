@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from miniresnet.augment import channel_stats, crop_flip, cut_out, normalize, pad, random_crops, random_squares
@@ -107,3 +108,13 @@ def test_random_squares_cover_the_whole_image_and_follow_the_seed():
     assert cy.min() == cx.min() == 0 and cy.max() == cx.max() == 31
     again = random_squares(10_000, 32, torch.Generator().manual_seed(0))
     assert torch.equal(cy, again[0]) and torch.equal(cx, again[1])
+
+
+def test_a_channel_that_never_varies_gets_the_std_of_one_level_not_zero():
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    images[:, 0] = torch.randint(0, 256, (4, 8, 8), dtype=torch.uint8)
+    images[:, 1] = 20  # flat: a 0 std would make every normalised pixel nan
+    mean, std = channel_stats(images)
+    assert std[1].item() == pytest.approx(1 / 255) and std[2].item() == pytest.approx(1 / 255)
+    assert std[0].item() > 0.2 and mean[1].item() == pytest.approx(20 / 255)
+    assert torch.isfinite(normalize(images, mean, std)).all()

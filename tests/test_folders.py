@@ -5,6 +5,7 @@ changed file, names need not be UTF-8, linked folders are read, and the director
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -130,3 +131,18 @@ def test_a_cache_whose_contents_do_not_fit_the_files_is_rebuilt(tmp_path, capsys
     old_format = {"images": torch.zeros(6, 3, 32, 32, dtype=torch.uint8), "labels": torch.zeros(6), "unreadable": []}
     torch.save(old_format, path)  # version 1 stored labels: never taken
     assert folders.read_cache(path, 6) is None
+
+
+def test_a_data_dir_of_image_folders_is_found_by_itself(tmp_path, capsys):
+    for name in ("red", "green"):
+        write_class(tmp_path / "my_data" / "train", name, 5)
+        write_class(tmp_path / "my_data" / "test", name, 2)
+    args = ["train", "--data-dir", str(tmp_path / "my_data"), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    assert main([*args, "--batch-size", "5", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines()[0].endswith(
+        "holds image folders (train/<class>/...) and no CIFAR-10: training on them (--dataset folder)"
+    )
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["dataset"] == "folder" and config["resolved"]["classes"] == ["green", "red"]
+    assert json.loads(out.splitlines()[-1])["epochs"] == 1

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std on the [0, 1] scale, exact, from a 256-bin histogram of the uint8
-    pixels (no float copy of the whole data set)."""
+    pixels (no float copy of the whole data set). A channel that never varies (greyscale images,
+    a folder of flat colours) gets the std of one pixel level, not 0, which would divide by zero."""
     values = torch.arange(256, dtype=torch.float64) / 255
     means, stds = [], []
     for c in range(images.shape[1]):
@@ -17,7 +18,7 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = (counts * values).sum() / counts.sum()
         var = (counts * (values - mean) ** 2).sum() / counts.sum()
         means.append(mean)
-        stds.append(var.sqrt())
+        stds.append(var.sqrt().clamp(min=1 / 255))
     return torch.stack(means).float(), torch.stack(stds).float()
 
 

@@ -230,6 +230,12 @@ def load_image_folders(
     return ImageSet(images[order], labels[order], test_images, test_labels, classes, f"image folder {train_dir}")
 
 
+def holds_image_folders(data_dir: str | Path) -> bool:
+    """Whether data_dir is laid out as image folders: train/ holding at least one class folder."""
+    train = Path(data_dir) / "train"
+    return train.is_dir() and any(d.is_dir() and not d.name.startswith(".") for d in train.iterdir())
+
+
 def folder_dataset(data_dir: str | Path, train_folder: str, test_folder: str, **options) -> ImageSet:
     """The folders a run names: --train-folder (and --test-folder), or DATA_DIR/train (and DATA_DIR/test)."""
     if train_folder:

@@ -19,9 +19,11 @@ EMA is on, else the model).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -159,6 +161,7 @@ class TrainingData:
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run (or, with `resume`, continue) the training `cfg` describes; returns the summary.
     Under torchrun, every process calls this and they share the work (see distributed.py)."""
+    cfg = with_detected_dataset(cfg)
     cfg.validate()
     ddp, device = init_distributed(resolve_device(cfg.device))
     try:
@@ -168,6 +171,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     finally:
         if ddp.enabled:
             shutdown_distributed()
+
+
+def with_detected_dataset(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with dataset "folder" when it asks for CIFAR-10 but its --data-dir is laid out as image
+    folders (train/<class>/...) and holds no CIFAR-10: what the user meant, said in the log."""
+    from .data import BIN_DIR, PY_DIR
+    from .folders import holds_image_folders
+
+    data_dir = Path(cfg.data_dir)
+    has_cifar = any((data_dir / name).is_dir() for name in (BIN_DIR, PY_DIR)) or data_dir.name in (BIN_DIR, PY_DIR)
+    if cfg.dataset != "cifar10" or has_cifar or not holds_image_folders(data_dir):
+        return cfg
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 speaks for all
+        log(f"{data_dir} holds image folders (train/<class>/...) and no CIFAR-10: training on them (--dataset folder)")
+    return dataclasses.replace(cfg, dataset="folder")
 
 
 def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch.device) -> dict:
