@@ -69,15 +69,16 @@ def training_checkpoint(
     data_fingerprint: str,
     config: dict,
     device: torch.device,
+    init: dict | None = None,
 ) -> dict:
     """What a checkpoint holds. To use the model: `arch`, `weights` (the EMA average when EMA is
     on), `classes`, `image_size` (the side images are prepared at), `mean` and `std`. To continue
     the run exactly: the `data_fingerprint` (the SHA-256 of the images and labels trained on, which
     a resume checks), the `config`, `epoch` (finished epochs), the optimizer's `trained_weights`
     (only when EMA is on: otherwise they are `weights`), the optimizer, EMA and fp16 loss-scaler
-    states, the current
-    epoch's `tally` (its step and running sums), the metrics `history`, `best_val`, the `seconds`
-    spent so far and the random number generators."""
+    states, the current epoch's `tally` (its step and running sums), the metrics `history`,
+    `best_val`, the `seconds` spent so far and the random number generators. A fine-tuned run's
+    `init` says which model it started from (name, sha256, classes)."""
     return {
         "arch": model.arch(),
         "weights": (ema.model if ema else model).state_dict(),
@@ -87,6 +88,7 @@ def training_checkpoint(
         "std": std.tolist(),
         "data_fingerprint": data_fingerprint,
         "config": config,
+        "init": init,
         "epoch": epoch,
         "trained_weights": model.state_dict() if ema else None,
         "optimizer": optimizer.state_dict(),

@@ -66,6 +66,18 @@ class TrainConfig:
         "negatives (an initialisation only: the network is unchanged)",
         choices=("default", "whitened"),
     )
+    # Fine-tuning: start from a trained model instead of random weights.
+    init: str = _opt(
+        "",
+        "start from a trained model's weights: a shipped name (best, seed), a checkpoint or a safetensors "
+        "export. Its layers are kept; the last is new, sized to this data's classes, unless the classes are "
+        "the same in the same order",
+    )
+    body_lr_ratio: float = _opt(1.0, "with --init: the lr of the layers taken from it, relative to the new last one's")
+    freeze_epochs: int = _opt(0, "with --init: for the first N epochs only the last layer trains")
+    freeze_norm: bool = _opt(
+        False, "with --init: BatchNorm normalises with the initial model's running statistics and keeps them"
+    )
     downscale_epochs: int = _opt(
         0,
         "progressive resizing: train the first N epochs on images scaled down to "
@@ -165,6 +177,8 @@ class TrainConfig:
             "checkpoint_every",
             "downscale_epochs",
             "lookahead",
+            "freeze_epochs",
+            "body_lr_ratio",
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
@@ -187,6 +201,11 @@ class TrainConfig:
             problems.append("--train-folder and --test-folder need --dataset folder")
         if self.image_size != 32 and self.dataset != "folder":
             problems.append(f"CIFAR images are 32x32; --image-size {self.image_size} is for --dataset folder")
+        if not self.init and (self.freeze_epochs or self.freeze_norm or self.body_lr_ratio != 1.0):
+            problems.append(
+                "freeze_epochs, freeze_norm and body_lr_ratio fine-tune a trained model: give --init MODEL "
+                "(such as --init best)"
+            )
         if not self.widths or min(self.widths) < 1:
             problems.append(f"widths must be positive, got {self.widths}")
         if train_size is not None:
@@ -245,4 +264,16 @@ PRESETS: dict[str, TrainConfig] = {
     # recipe run long (200 epochs, half at 24x24), plus cutout, since a long run overfits the
     # training set.
     "best": dataclasses.replace(SGD_RECIPE, epochs=200, warmup=0.05, downscale_epochs=100, eval_every=10, cutout=12),
+    # Your own classes from tens to a few thousand images each, starting from the shipped best model
+    # (or --init MODEL); chosen on a validation split of five CIFAR-10 classes the model never saw.
+    "finetune": dataclasses.replace(
+        SGD_RECIPE,
+        init="best",
+        epochs=30,
+        batch_size=32,
+        lr=0.05,
+        warmup=0.1,
+        body_lr_ratio=0.1,
+        eval_every=0,
+    ),
 }

@@ -236,6 +236,14 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     model = MiniResNet(cfg.widths, cfg.blocks_per_stage, len(data.classes), zero_init_residual=cfg.zero_init_residual)
     if cfg.stem_init == "whitened":  # from a fixed 5,000 training images: the same filters on every process
         whiten_stem(model, normalize(data.train_images[:5000], data.mean, data.std))
+    origin = saved.get("init") if saved else None  # a resumed fine-tuning does not read its initial model again
+    if cfg.init and not saved:
+        origin = load_initial_weights(model, cfg, data.classes)
+        kept = "all its layers" if origin["kept_last_layer"] else "all but its last layer (new, for these classes)"
+        say(
+            f"starting from {cfg.init} (sha256 {origin['sha256'][:12]}...): {kept}; the input is normalised with "
+            "this data's own mean and std"
+        )
     params, macs = count_parameters(model), count_macs(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, precision.weights, memory_format=memory_format)
@@ -272,6 +280,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             "std": data.std.tolist(),
             "torch": torch.__version__,
             "processes": ddp.world_size,
+            "init": origin,
         }
         write_json(out / "config.json", {**cfg.to_dict(), "resolved": resolved})
     if ddp.is_main:
@@ -306,6 +315,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             data_fingerprint=data.fingerprint,
             config=cfg.to_dict(),
             device=device,
+            init=origin,
         )
 
     # The epochs.
@@ -335,6 +345,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                 scaler=scaler,
                 ddp=ddp,
                 progress_bar=None if cfg.quiet or not ddp.is_main else f"epoch {epoch + 1}/{cfg.epochs}",
+                body_lr_scale=0.0 if epoch < cfg.freeze_epochs else cfg.body_lr_ratio,
+                frozen_norm=cfg.freeze_norm,
             )
             try:
                 for tally in steps:
@@ -392,9 +404,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     # The results.
     if test_result is None:  # resumed after the last epoch's checkpoint but before its results were written
         _, test_logits, test_result = evaluate_sets(model_to_use, data, final_ttas, ddp, **eval_options)
-    summary = summarize(
-        cfg, progress, precision, device, params, out, seconds=progress.earlier_seconds + time.perf_counter() - started
-    )
+    seconds = progress.earlier_seconds + time.perf_counter() - started
+    summary = summarize(cfg, progress, precision, device, params, out, seconds) | ({"init": origin} if origin else {})
     if ddp.is_main:
         write_json(out / "test_eval.json", test_result, indent=None)
         test_images, test_labels = data.eval_sets["test"]
@@ -540,6 +551,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "muon":
         groups.append({"params": filters, "orthogonal": True, "lr_ratio": cfg.muon_lr / cfg.lr})
+    if cfg.init:  # fine-tuning: the layers taken from the initial model are the `body`, the last layer is not
+        head = {id(p) for p in model.fc.parameters()}
+        groups = [
+            {**g, "params": [p for p in g["params"] if (id(p) in head) != body], "body": body}
+            for g in groups
+            for body in (True, False)
+        ]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "muon":
         optimizer = MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -549,6 +567,42 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     else:
         optimizer = torch.optim.Adam(groups, lr=cfg.lr, fused=True)
     return Lookahead(optimizer, cfg.lookahead) if cfg.lookahead else optimizer
+
+
+def load_initial_weights(model: MiniResNet, cfg: TrainConfig, classes: tuple[str, ...]) -> dict:
+    """Put --init's weights into `model` (built for this run's data): every layer, except the last
+    when the classes differ (it keeps its fresh initialisation, sized to these classes). The model
+    must be of the same architecture and image size. Returns what the run records about it."""
+    from .checkpoint import model_from_checkpoint, read_model
+    from .files import hexdigest
+    from .pretrained import shipped_weights
+
+    state = read_model(cfg.init)
+    initial = model_from_checkpoint(state, cfg.init)  # the file's own checks: one error line for anything malformed
+    if (initial.widths, initial.blocks_per_stage) != (tuple(cfg.widths), cfg.blocks_per_stage):
+        raise MiniResNetError(
+            f"--init {cfg.init} is a MiniResNet{initial.widths} with {initial.blocks_per_stage} blocks per stage; "
+            f"this run builds MiniResNet{tuple(cfg.widths)} with {cfg.blocks_per_stage}: give --widths and "
+            "--blocks-per-stage to match it, or another model"
+        )
+    size = int(state.get("image_size", 32))
+    if size != cfg.image_size:
+        raise MiniResNetError(
+            f"--init {cfg.init} was trained on {size}x{size} images and this run prepares {cfg.image_size}x"
+            f"{cfg.image_size}: give --image-size {size} (the filters are tuned to that scale)"
+        )
+    weights = initial.state_dict()
+    same_classes = list(state["classes"]) == list(classes)
+    if not same_classes:
+        weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
+    model.load_state_dict(weights, strict=same_classes)
+    path = Path(cfg.init) if Path(cfg.init).is_file() else shipped_weights(cfg.init)
+    return {
+        "model": cfg.init,
+        "sha256": hexdigest(path, "sha256"),
+        "classes": list(state["classes"]),
+        "kept_last_layer": same_classes,
+    }
 
 
 def restore_progress(state: dict, ddp: Distributed) -> Progress:
@@ -572,16 +626,24 @@ def train_steps(
     scaler: torch.amp.GradScaler | None = None,
     ddp: Distributed = Distributed(),
     progress_bar: str | None = None,
+    body_lr_scale: float = 1.0,
+    frozen_norm: bool = False,
 ) -> Iterator[EpochTally]:
     """One pass over the shuffled, augmented training set from batch `tally.step` on: sets the lr,
     takes an optimizer step and yields the updated tally after each batch, so that the caller
     decides about checkpoints and stopping between steps. Nothing is read back from the device
     between reads of the tally (see EpochTally), so a GPU never waits for the host. A non-finite
     loss raises NonFiniteLoss at the next read, before any checkpoint holds its weights. With fp16,
-    `scaler` scales the loss so that small gradients do not underflow."""
+    `scaler` scales the loss so that small gradients do not underflow. Fine-tuning: the parameter
+    groups marked `body` (taken from --init) step at `body_lr_scale` times the lr (0: frozen), and
+    with `frozen_norm` BatchNorm uses and keeps its running statistics."""
     tally = tally or EpochTally()
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     model.train()
+    if frozen_norm:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     bar = tqdm(
         loader.batches(tally.step),
         desc=progress_bar,
@@ -597,7 +659,7 @@ def train_steps(
     for x, y in bar:
         lr = lr_at_step(epoch * len(loader) + tally.step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * body_lr_scale if group.get("body") else lr
         with autocast(x.device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
