@@ -73,6 +73,7 @@ def request(connection: http.client.HTTPConnection, body: bytes, content_type: s
 def start_server(model: str, max_batch: int) -> tuple[subprocess.Popen, int]:
     port = free_port()
     command = [sys.executable, "-m", "miniresnet", "serve", model, "--port", str(port), "--max-batch", str(max_batch)]
+    command += ["--max-upload-mb", "8"]  # the cap the refused 9 MB body is over (the default, 32, would take it)
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -11,6 +11,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -184,6 +185,59 @@ def test_a_failed_forward_pass_is_a_json_500_and_the_server_carries_on(model_fil
         assert client.post("/predict", content=png_bytes(), headers={"content-type": "image/png"}).status_code == 200
 
 
+def test_an_unexpected_exception_is_a_json_500_logged_in_one_line_and_counted(model_file, monkeypatch, capsys):
+    import miniresnet.serve as serve
+
+    def fails(image):
+        raise RuntimeError("the PNG encoder broke\nwith a second line")
+
+    monkeypatch.setattr(serve, "prepared_png", fails)
+    with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
+        capsys.readouterr()
+        failed = client.post("/predict?image=true", content=png_bytes(), headers={"content-type": "image/png"})
+        assert client.post("/predict", content=png_bytes(), headers={"content-type": "image/png"}).status_code == 200
+        metrics = client.get("/metrics").text
+    assert failed.status_code == 500 and failed.headers["content-type"] == "application/json"
+    assert failed.json() == {"error": "internal error: RuntimeError: the PNG encoder broke with a second line"}
+    assert capsys.readouterr().err.splitlines() == [
+        "miniresnet: POST /predict: 500 RuntimeError: the PNG encoder broke with a second line"
+    ]
+    assert 'miniresnet_requests_total{endpoint="/predict",status="500"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("exception", [TypeError, NotImplementedError, AttributeError, ValueError])
+def test_a_decoder_exception_of_any_type_is_a_400_in_one_log_line(model_file, monkeypatch, capsys, exception):
+    """Whatever a Pillow decoder raises on an upload's bytes, the answer is the upload's 400."""
+    import miniresnet.serve as serve
+
+    def decoder_fails(data, size, max_pixels):
+        raise exception("a decoder's own complaint")
+
+    monkeypatch.setattr(serve, "load_image", decoder_fails)
+    with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
+        capsys.readouterr()
+        answer = client.post("/predict", content=png_bytes(), headers={"content-type": "image/tiff"})
+        metrics = client.get("/metrics").text
+    name = exception.__name__
+    assert answer.status_code == 400
+    assert answer.json() == {"error": f"the upload: not a readable image ({name}: a decoder's own complaint)"}
+    assert capsys.readouterr().err.splitlines() == [
+        f"miniresnet: POST /predict: 400 from the decoder, {name}: a decoder's own complaint"
+    ]
+    assert 'miniresnet_requests_total{endpoint="/predict",status="400"} 1.0' in metrics
+
+
+def test_no_such_path_or_method_is_a_json_error_too(model_file):
+    with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
+        missing = client.post("/nowhere", content=b"x" * 100_000)
+        wrong_method = client.get("/predict")
+        metrics = client.get("/metrics").text
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {"error": "Method Not Allowed"}
+    assert 'miniresnet_requests_total{endpoint="other",status="404"} 1.0' in metrics
+
+
 def test_the_page_is_served_whole_with_no_outside_assets(model_file):
     with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
         page = client.get("/")
@@ -200,33 +254,44 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model: str) -> Iterator[str]:
-    """A real `miniresnet serve MODEL` process on 127.0.0.1 at a free port; yields its base URL."""
+def server_process(model: str, *flags: str) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """A real `miniresnet serve MODEL FLAGS...` process on 127.0.0.1 at a free port: its base URL, the
+    process, and the file its stderr goes to (a file, not a pipe no one reads, which would fill and stall it)."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "miniresnet", "serve", model, "--port", str(port), "--threads", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
+    with tempfile.TemporaryDirectory() as directory:
+        log = Path(directory) / "stderr.txt"
+        with log.open("w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "miniresnet", "serve", model, "--port", str(port), "--threads", "1", *flags],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                process.wait(timeout=20)
+                pytest.fail(f"the server did not come up: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
         try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not come up: {process.communicate()[1][-2000:]}")
-        time.sleep(0.2)
-    try:
+            yield url, process, log
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+
+
+@contextlib.contextmanager
+def running_server(model: str, *flags: str) -> Iterator[str]:
+    """A real `miniresnet serve MODEL FLAGS...` process on 127.0.0.1 at a free port; yields its base URL."""
+    with server_process(model, *flags) as (url, _, _):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 @pytest.fixture
