@@ -5,6 +5,12 @@ and every good answer checked against the answer the server gave for that image 
     python benchmarks/serve_load.py [--model best] [--requests 5000] [--clients 32] [--data-dir ../shared/cifar10]
 
 Bounded: a fixed number of requests, and a time limit per run. Writes benchmarks/results/serve_load.json.
+
+    python benchmarks/serve_load.py --phone [--requests 200] [--clients 4] [--data-dir ../shared/cifar10]
+
+The phone-photo mix: 12 phone-style 4000x3000 JPEGs (a third stored on their side with EXIF
+orientation 6), served one at a time against a 32x32 PNG (median latencies), then under load, with
+the reduced decode of large images on and off (a fresh server each). Writes serve_load_phone.json.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -70,10 +77,21 @@ def request(connection: http.client.HTTPConnection, body: bytes, content_type: s
     return response.status, response.read()
 
 
-def start_server(model: str, max_batch: int) -> tuple[subprocess.Popen, int]:
+# `miniresnet serve` with the reduced decode of large images switched off (a margin no image reaches).
+FULL_DECODE = (
+    "import sys, miniresnet.images as i; i.REDUCE_MARGIN = 10**9; from miniresnet.cli import main; sys.exit(main())"
+)
+
+
+def start_server(
+    model: str, max_batch: int, full_decode: bool = False, upload_mb: int = 8
+) -> tuple[subprocess.Popen, int]:
+    """A server on a free port, once /healthz answers. The default 8 MB cap is the one the refused
+    9 MB body of the mixed load is over; phone photos need the server's own default, 32."""
     port = free_port()
-    command = [sys.executable, "-m", "miniresnet", "serve", model, "--port", str(port), "--max-batch", str(max_batch)]
-    command += ["--max-upload-mb", "8"]  # the cap the refused 9 MB body is over (the default, 32, would take it)
+    launcher = ["-c", FULL_DECODE, "serve"] if full_decode else ["-m", "miniresnet", "serve"]
+    command = [sys.executable, *launcher, model, "--port", str(port), "--max-batch", str(max_batch)]
+    command += ["--max-upload-mb", str(upload_mb)]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -181,6 +199,89 @@ def run_load(model: str, max_batch: int, images: list[bytes], n_requests: int, c
         process.wait(timeout=30)
 
 
+def phone_photo(image: torch.Tensor, seed: int, portrait: bool) -> bytes:
+    """A 12-megapixel phone-style JPEG (q90) of a 32x32 image: upscaled to 4000x3000, with sensor-like
+    noise so that it weighs what a real photo does (a few MB), stored on its side with EXIF
+    orientation 6 when `portrait`, as phones store portrait photos."""
+    big = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((4000, 3000), Image.Resampling.BICUBIC)
+    noise = torch.randn(3000, 4000, 3, generator=torch.Generator().manual_seed(seed)) * 6
+    pixels = (torch.from_numpy(np.array(big)).float() + noise).clamp(0, 255).to(torch.uint8).numpy()
+    photo, exif = Image.fromarray(pixels), Image.Exif()
+    if portrait:
+        photo, exif[0x0112] = photo.transpose(Image.Transpose.ROTATE_90), 6
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90, exif=exif)
+    return buffer.getvalue()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_at_a_time(port: int, photo: bytes, small: bytes, rounds: int) -> dict:
+    """Median latency of a phone photo and of a 32x32 PNG, alternating, one request at a time."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    times: dict[str, list[float]] = {"photo": [], "png": []}
+    for _ in range(rounds):
+        for name, body, kind in (("photo", photo, "image/jpeg"), ("png", small, "image/png")):
+            started = time.perf_counter()
+            status, _ = request(connection, body, kind)
+            times[name].append(time.perf_counter() - started)
+            assert status == 200, status
+    photo_ms, png_ms = (1000 * statistics.median(times[k]) for k in ("photo", "png"))
+    return {"photo_ms": round(photo_ms, 1), "png_ms": round(png_ms, 1), "ratio": round(photo_ms / png_ms, 2)}
+
+
+def phone_load(port: int, photos: list[bytes], n_requests: int, clients: int) -> dict:
+    """n_requests phone photos from `clients` concurrent clients: throughput and latency."""
+    latencies, failures, lock, work = [], [], threading.Lock(), iter(range(n_requests))
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        for i in work:
+            started = time.perf_counter()
+            status, _ = request(connection, photos[i % len(photos)], "image/jpeg")
+            with lock:
+                (latencies.append(time.perf_counter() - started) if status == 200 else failures.append(status))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    q = statistics.quantiles(latencies, n=100)
+    return {
+        "ok": len(latencies),
+        "failures": failures[:20],
+        "throughput_per_sec": round(len(latencies) / wall, 2),
+        "latency_ms": {"p50": round(1000 * q[49], 1), "p95": round(1000 * q[94], 1)},
+    }
+
+
+def run_phone(model: str, source: torch.Tensor, n_requests: int, clients: int, rounds: int) -> dict:
+    """The phone-photo mix with the reduced decode on, then off (each its own fresh server)."""
+    photos = [phone_photo(image, k, portrait=k % 3 == 0) for k, image in enumerate(source[:12])]
+    small = png(source[0])
+    record = {"photos": len(photos), "photo_mb": round(statistics.mean(map(len, photos)) / 2**20, 2)}
+    for name, full in (("reduced_decode", False), ("full_decode", True)):
+        process, port = start_server(model, 32, full_decode=full, upload_mb=32)
+        try:
+            result = {"one_at_a_time": one_at_a_time(port, photos[1], small, rounds)}
+            result["load"] = phone_load(port, photos, n_requests, clients)
+            result["rss_mb_after"], result["peak_rss_mb"] = round(rss_mb(process.pid), 1), peak_rss_mb(process.pid)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        record[name] = result
+        print(json.dumps({name: result}), flush=True)
+    return record
+
+
 def get(port: int, path: str) -> str:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     connection.request("GET", path)
@@ -196,6 +297,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--data-dir", help="CIFAR-10, whose first 200 test images are the good requests")
     parser.add_argument("--limit-s", type=float, default=300, help="stop each run after this long")
+    parser.add_argument("--phone", action="store_true", help="the phone-photo mix instead (reduced decode on, off)")
+    parser.add_argument("--rounds", type=int, default=15, help="--phone: one-at-a-time requests of each kind")
     args = parser.parse_args()
     if args.data_dir:
         from miniresnet.data import load_cifar10
@@ -203,8 +306,12 @@ def main() -> None:
         source = load_cifar10(args.data_dir).test_images[:200]
     else:
         source = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    images = [png(image) for image in source]
     record = {"machine": describe_machine(torch.device("cpu")), "clients": args.clients, "model": args.model}
+    if args.phone:
+        record |= run_phone(args.model, source, args.requests, args.clients, args.rounds)
+        (ROOT / "benchmarks" / "results" / "serve_load_phone.json").write_text(json.dumps(record, indent=1) + "\n")
+        return
+    images = [png(image) for image in source]
     for max_batch in (32, 1):
         record[f"max_batch_{max_batch}"] = run_load(
             args.model, max_batch, images, args.requests, args.clients, args.limit_s

@@ -31,6 +31,7 @@ from conftest import export_like
 from miniresnet import MiniResNet
 from miniresnet.cli import main
 from miniresnet.data import load_cifar10
+from miniresnet.images import FORMATS_TEXT, IMAGE_SUFFIXES, accepted_formats
 from miniresnet.pretrained import DEFAULT_MODEL
 from miniresnet.serve import Batcher, Metrics, RequestError, ServeConfig, create_app
 
@@ -245,6 +246,8 @@ def test_the_page_is_served_whole_with_no_outside_assets(model_file):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<input id="file"' in page.text and 'fetch("/predict' in page.text
     assert "http://" not in page.text and "https://" not in page.text and "//cdn" not in page.text
+    # The chooser and its text name the formats of the one list that decides what is decoded.
+    assert f'accept="{",".join(IMAGE_SUFFIXES)}"' in page.text and FORMATS_TEXT in page.text and "{{" not in page.text
 
 
 def free_port() -> int:
@@ -389,3 +392,44 @@ def test_the_page_classifies_a_real_cifar10_test_image_as_the_cli_does(browser, 
 def test_serve_with_an_unknown_model_is_one_error_line(capsys):
     assert main(["serve", "no-such-model"]) == 1
     assert "'no-such-model' is neither a file nor a shipped model" in capsys.readouterr().err
+
+
+def test_the_page_shows_a_portrait_phone_photo_upright_and_a_heic_as_the_model_saw_it(browser, server, tmp_path):
+    """A JPEG stored on its side with EXIF orientation 6: the browser shows it upright, and so is
+    what the model saw (the prepared image's top-left is the picture's top-left mark). A HEIC, which
+    Chromium cannot show, is still classified, and the page says why it shows no preview."""
+    upright = Image.new("RGB", (300, 400), (30, 160, 200))
+    upright.paste((250, 250, 20), (0, 0, 150, 100))  # yellow across the top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "portrait.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).save(photo, quality=95, exif=exif)  # stored on its side
+    page = browser.new_page()
+    page.goto(server + "/")
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#answer:not([hidden]) #result li")
+    assert page.evaluate("document.getElementById('original').naturalWidth") == 300  # upright in the browser
+    seen = page.evaluate("document.getElementById('seen').src")
+    prepared = Image.open(io.BytesIO(base64.b64decode(seen.split(",")[1]))).convert("RGB")
+    assert prepared.getpixel((1, 1))[2] < 100 and prepared.getpixel((30, 30))[2] > 150  # yellow top-left, blue below
+    assert "HEIF" in accepted_formats(), "pillow-heif (the images extra) is installed with the dev extra"
+    heic = tmp_path / "photo.heic"
+    upright.save(heic, "HEIF")
+    page.set_input_files("#file", str(heic))
+    page.wait_for_function(
+        "document.getElementById('status').textContent.startsWith('Most likely')"
+        " && document.getElementById('original').alt.includes('cannot show')"
+    )
+    page.close()
+
+
+def test_the_page_says_why_an_upload_over_the_cap_was_refused(browser, model_file, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes((40, 40)) + b"\0" * (2 * 1024 * 1024))  # a valid start, then 2 MB more
+    with running_server(str(model_file), "--max-upload-mb", "1") as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.set_input_files("#file", str(big))
+        page.wait_for_selector("#error:not([hidden])")
+        assert "over the limit of 1,048,576 bytes" in page.inner_text("#error")
+        page.close()

@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(run=cmd_evaluate)
 
-    predict = commands.add_parser("predict", help="top-k classes of image files (PNG, JPEG, BMP, WebP)")
+    predict = commands.add_parser("predict", help="top-k classes of image files (PNG, JPEG, HEIC, AVIF, WebP, ...)")
     inference_options(predict)
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or directories of them")
     predict.add_argument("--top-k", type=positive_int, default=3, help="classes to show per image")

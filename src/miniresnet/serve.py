@@ -68,7 +68,7 @@ from torch import nn
 from .checkpoint import load_model
 from .errors import MiniResNetError
 from .evaluate import classify
-from .images import ImageTooLarge, load_image
+from .images import FORMATS_TEXT, IMAGE_SUFFIXES, ImageTooLarge, load_image
 from .pretrained import DEFAULT_MODEL
 from .runtime import available_cores, log
 
@@ -237,6 +237,11 @@ class Batcher:
             for (_, future), result in zip(batch, ranked, strict=True):
                 if not future.done():  # its client may have gone
                     (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
+
+
+def page_html() -> str:
+    """The page, naming the accepted formats from the one list that decides what is decoded."""
+    return PAGE.read_text().replace("{{FORMATS_TEXT}}", FORMATS_TEXT).replace("{{ACCEPT}}", ",".join(IMAGE_SUFFIXES))
 
 
 def prepared_png(image: torch.Tensor) -> str:
@@ -490,8 +495,9 @@ def create_app(config: ServeConfig, model: nn.Module | None = None) -> FastAPI:
     @app.post("/predict", summary="Classify one image")
     async def predict(request: Request, top_k: int = 5, image: bool = False) -> dict:
         """The image as a multipart upload (field `file`) or as the raw body (image/* content
-        type): PNG, JPEG, BMP or WebP, any size and mode, prepared as `miniresnet predict` prepares
-        it. `image=true` adds the prepared image the model saw, as a PNG data URL."""
+        type): PNG, JPEG, HEIC/HEIF, AVIF, WebP, GIF, TIFF or BMP, any size and mode, prepared as
+        `miniresnet predict` prepares it. `image=true` adds the prepared image the model saw, as a
+        PNG data URL."""
         model = state["model"]
         if not 1 <= top_k <= len(model.classes):
             raise RequestError(422, f"top_k must be between 1 and {len(model.classes)}, got {top_k}")
@@ -521,7 +527,7 @@ def create_app(config: ServeConfig, model: nn.Module | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text())
+        return HTMLResponse(page_html())
 
     return app
 
