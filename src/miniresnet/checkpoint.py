@@ -70,6 +70,7 @@ def training_checkpoint(
     config: dict,
     device: torch.device,
     init: dict | None = None,
+    temperature: float = 1.0,
 ) -> dict:
     """What a checkpoint holds. To use the model: `arch`, `weights` (the EMA average when EMA is
     on), `classes`, `image_size` (the side images are prepared at), `mean` and `std`. To continue
@@ -78,7 +79,8 @@ def training_checkpoint(
     (only when EMA is on: otherwise they are `weights`), the optimizer, EMA and fp16 loss-scaler
     states, the current epoch's `tally` (its step and running sums), the metrics `history`,
     `best_val`, the `seconds` spent so far and the random number generators. A fine-tuned run's
-    `init` says which model it started from (name, sha256, classes)."""
+    `init` says which model it started from (name, sha256, classes). `temperature` calibrates the
+    probabilities (fitted on the validation split after the last epoch; 1 until then, or without one)."""
     return {
         "arch": model.arch(),
         "weights": (ema.model if ema else model).state_dict(),
@@ -86,6 +88,7 @@ def training_checkpoint(
         "image_size": image_size,
         "mean": mean.tolist(),
         "std": std.tolist(),
+        "temperature": temperature,
         "data_fingerprint": data_fingerprint,
         "config": config,
         "init": init,
@@ -202,6 +205,9 @@ def model_from_checkpoint(state: dict, source: str | Path = "the checkpoint") ->
     std = checked_channel_values("std", state.get("std"), source)
     if min(std) <= 0:
         raise unusable(source, f"its std is {std}; each must be above 0 (images are divided by it)")
+    temperature = state.get("temperature", 1.0)  # models from before calibration: the plain softmax
+    if not (is_finite_number(temperature) and temperature > 0):
+        raise unusable(source, f"its temperature is {shown(temperature)}, not a number above 0")
     model = MiniResNet(*arch)
     try:
         model.load_state_dict(weights)
@@ -209,6 +215,7 @@ def model_from_checkpoint(state: dict, source: str | Path = "the checkpoint") ->
         raise unusable(source, f"its weights could not be copied into the model: {first_line(e)}") from None
     model.classes, model.image_size = tuple(classes), image_size
     model.mean, model.std = torch.tensor(mean), torch.tensor(std)
+    model.temperature = float(temperature)
     return model
 
 
@@ -309,7 +316,7 @@ def read_exported_model(path: str | Path) -> dict:
     if missing:
         raise MiniResNetError(f"{path} is a miniresnet safetensors file without its {' and '.join(missing)}")
     described = {}
-    for key in ("arch", "classes", "image_size"):  # no image_size in exports from before image folders
+    for key in ("arch", "classes", "image_size", "temperature"):  # older exports lack the last two
         if key in metadata:
             try:
                 described[key] = json.loads(metadata[key])
@@ -359,5 +366,6 @@ def read_model(source: str | Path) -> dict:
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> MiniResNet:
     """A trained model, in eval mode, in one line, from a checkpoint written by `miniresnet train`,
     a safetensors file written by `miniresnet export`, or a shipped model's name ("best", "seed").
-    It carries `classes`, `image_size` and the input normalisation (`mean`, `std`, [0, 1] scale)."""
+    It carries `classes`, `image_size`, the input normalisation (`mean`, `std`, [0, 1] scale) and
+    the `temperature` its logits are divided by before the softmax (1: not calibrated)."""
     return model_from_checkpoint(read_model(source), source).to(device).eval()

@@ -171,7 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         images, labels, source = data.test_images, data.test_labels, f"{data.name} test set"
     logits = model_logits(model, images, args, device, precision)
-    result = {**metrics(logits, labels, model.classes), "tta": args.tta, "source": source}
+    result = {**metrics(logits, labels, model.classes, model.temperature), "tta": args.tta, "source": source}
     if args.plots:
         from .plots import plot_evaluation
 
@@ -181,7 +181,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     tta = "" if args.tta == "none" else f", {args.tta} TTA"
-    print(f"accuracy {result['accuracy']:.4f} on {result['n']:,} images of {source} (loss {result['loss']:.4f}{tta})\n")
+    print(f"accuracy {result['accuracy']:.4f} on {result['n']:,} images of {source} (loss {result['loss']:.4f}{tta})")
+    calibrated = "not calibrated" if model.temperature == 1.0 else f"temperature {model.temperature:.3f}"
+    print(f"expected calibration error {result['ece']:.2%} (15 bins; {calibrated})\n")
     print(f"{'class':<12}{'accuracy':>9}")
     for name, acc in result["per_class"].items():
         print(f"{name:<12}{acc:>9.4f}")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import normalize
+from .calibration import calibration_error
 from .config import TTA_MODES
 from .data import CLASSES
 from .runtime import FP32, Precision, autocast
@@ -43,9 +44,10 @@ def predict_logits(
 
 def classify(model: nn.Module, images: torch.Tensor, top_k: int = 3, **options) -> list[list[tuple[str, float]]]:
     """For each uint8 image (N, 3, 32, 32), its `top_k` classes with their probabilities, most
-    likely first, for a model from `load_model` (it carries classes, mean and std); options as for
-    `predict_logits`."""
-    probabilities = predict_logits(model, images, model.mean, model.std, **options).softmax(1)
+    likely first, for a model from `load_model` (it carries classes, mean, std and the temperature
+    that calibrates its probabilities); options as for `predict_logits`."""
+    logits = predict_logits(model, images, model.mean, model.std, **options)
+    probabilities = (logits / getattr(model, "temperature", 1.0)).softmax(1)
     top = probabilities.topk(min(top_k, len(model.classes)))
     return [
         [(model.classes[i], round(p, 6)) for p, i in zip(ps, ids, strict=True)]
@@ -53,16 +55,18 @@ def classify(model: nn.Module, images: torch.Tensor, top_k: int = 3, **options) 
     ]
 
 
-def metrics(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
-    """Accuracy, mean loss, per-class accuracy and the confusion matrix (rows: true class),
-    as plain numbers (JSON-ready)."""
+def metrics(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], temperature: float = 1.0) -> dict:
+    """Accuracy, mean loss, the expected calibration error (both of softmax(logits / temperature)),
+    per-class accuracy and the confusion matrix (rows: true class), as plain numbers (JSON-ready)."""
     k = len(classes)
     pairs = labels.cpu() * k + logits.argmax(1)
     confusion = torch.bincount(pairs, minlength=k * k).view(k, k)
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     return {
         "accuracy": confusion.diag().sum().item() / len(labels),
-        "loss": F.cross_entropy(logits, labels.cpu()).item(),
+        "loss": F.cross_entropy(logits / temperature, labels.cpu()).item(),
+        "ece": calibration_error(logits, labels, temperature),
+        "temperature": temperature,
         "n": len(labels),
         "per_class": {c: round(v, 6) for c, v in zip(classes, per_class, strict=True)},
         "confusion": confusion.tolist(),

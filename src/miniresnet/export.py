@@ -57,7 +57,9 @@ def describe(model: MiniResNet) -> dict[str, str]:
         "arch": json.dumps(model.arch()),
         "classes": json.dumps(list(model.classes)),
         "image_size": str(size),
+        "temperature": json.dumps(getattr(model, "temperature", 1.0)),
         "input": f"float32 RGB (N, 3, {size}, {size}) in [0, 1]; the normalisation is inside the model",
+        "output": "logits; calibrated probabilities are softmax(logits / temperature)",
     }
 
 

@@ -84,6 +84,39 @@ def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: s
     return _save(fig, path)
 
 
+def plot_reliability(logits: torch.Tensor, labels: torch.Tensor, temperature: float, path: str | Path) -> Path:
+    """The reliability diagram: per confidence bin, the accuracy (bars) against the mean confidence
+    (a calibrated model's bars reach the diagonal), with the share of images in each bin below."""
+    from .calibration import calibration_error, reliability
+
+    plt = _pyplot()
+    bins = reliability(logits, labels, temperature)
+    width = bins[0]["high"] - bins[0]["low"]
+    centres = [(b["low"] + b["high"]) / 2 for b in bins]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=[3, 1], sharex=True)
+    top.bar(centres, [b["accuracy"] or 0 for b in bins], width=width * 0.95, color="#3a7bd5", label="accuracy")
+    top.bar(
+        centres,
+        [(b["confidence"] or 0) - (b["accuracy"] or 0) for b in bins],
+        bottom=[b["accuracy"] or 0 for b in bins],
+        width=width * 0.95,
+        color="#e8a33d",
+        alpha=0.6,
+        label="gap to the mean confidence",
+    )
+    top.plot([0, 1], [0, 1], color="black", linewidth=1, linestyle="--", label="calibrated")
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    ece = calibration_error(logits, labels, temperature)
+    top.set_title(f"reliability (temperature {temperature:.3g}): expected calibration error {ece:.2%}")
+    bottom.bar(centres, [b["count"] / len(labels) for b in bins], width=width * 0.95, color="grey")
+    bottom.set_xlabel("confidence (top-1 probability)")
+    bottom.set_ylabel("share of images")
+    bottom.set_xlim(0, 1)
+    return _save(fig, path)
+
+
 def plot_misclassified(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -119,11 +152,12 @@ def plot_evaluation(
     out_dir: Path,
     source: str,
 ) -> list[Path]:
-    """An evaluation's two pictures: out_dir/confusion.png and out_dir/misclassified.png."""
+    """An evaluation's three pictures: out_dir/confusion.png, misclassified.png and reliability.png."""
     title = f"{source}: accuracy {result['accuracy']:.2%}"
     return [
         plot_confusion(result["confusion"], classes, out_dir / "confusion.png", title),
         plot_misclassified(images, labels, logits, classes, out_dir / "misclassified.png"),
+        plot_reliability(logits, labels, result.get("temperature", 1.0), out_dir / "reliability.png"),
     ]
 
 

@@ -53,6 +53,7 @@ def write_report(run_dir: str | Path) -> Path:
         ("curves.png", "Learning curves"),
         ("confusion.png", "Confusion matrix (test set)"),
         ("misclassified.png", "Most confident mistakes (test set)"),
+        ("reliability.png", "How far the probabilities can be trusted (test set, plain softmax)"),
     ):
         if (run_dir / name).exists():
             parts += [f"<h2>{title}</h2>", f'<img src="{name}" alt="{title}">']

@@ -28,6 +28,7 @@ RUN_FILES = (
     "curves.png",
     "confusion.png",
     "misclassified.png",
+    "reliability.png",
 )
 
 

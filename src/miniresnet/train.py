@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .augment import channel_stats, normalize
+from .calibration import calibration_error, fit_temperature
 from .checkpoint import restore_training, save_checkpoint, training_checkpoint
 from .config import TrainConfig
 from .data import ImageSet, load_dataset
@@ -140,6 +141,7 @@ class Progress:
     tally: EpochTally = field(default_factory=EpochTally)
     best_val: float = -1.0
     earlier_seconds: float = 0.0
+    temperature: float = 1.0  # fitted on the validation split after the last epoch
 
 
 @dataclass
@@ -316,6 +318,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             config=cfg.to_dict(),
             device=device,
             init=origin,
+            temperature=progress.temperature,
         )
 
     # The epochs.
@@ -373,10 +376,13 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen}
             last = epoch + 1 == cfg.epochs
             if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                scores, test_logits, test_result = evaluate_sets(
+                scores, plain_logits, test_logits, test_result = evaluate_sets(
                     model_to_use, data, final_ttas if last else ("none",), ddp, **eval_options
                 )
                 record |= scores
+                if last:  # the probabilities' calibration, on the validation split alone
+                    progress.temperature = fitted_temperature(plain_logits, data)
+                    record |= calibration_record(plain_logits["test"], data.eval_sets["test"][1], progress.temperature)
             record["seconds"] = time.perf_counter() - epoch_start
             record["elapsed"] = progress.earlier_seconds + time.perf_counter() - started
             record["images_per_sec"] = loader.images_per_epoch / train_seconds
@@ -403,7 +409,10 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
 
     # The results.
     if test_result is None:  # resumed after the last epoch's checkpoint but before its results were written
-        _, test_logits, test_result = evaluate_sets(model_to_use, data, final_ttas, ddp, **eval_options)
+        _, _, test_logits, test_result = evaluate_sets(model_to_use, data, final_ttas, ddp, **eval_options)
+    final = progress.history[-1]
+    if "test_ece" in final:  # absent when a checkpoint from before calibration is resumed at its end
+        say(calibration_line(final, calibrated="val" in data.eval_sets))
     seconds = progress.earlier_seconds + time.perf_counter() - started
     summary = summarize(cfg, progress, precision, device, params, out, seconds) | ({"init": origin} if origin else {})
     if ddp.is_main:
@@ -609,7 +618,7 @@ def restore_progress(state: dict, ddp: Distributed) -> Progress:
     """The Progress a checkpoint recorded. Its tally sums every process's share; process 0 carries
     the sums on, the others only the step."""
     tally = EpochTally(**state["tally"]) if ddp.is_main else EpochTally(step=state["tally"]["step"])
-    return Progress(state["history"], tally, state["best_val"], state["seconds"])
+    return Progress(state["history"], tally, state["best_val"], state["seconds"], state.get("temperature", 1.0))
 
 
 def train_steps(
@@ -698,10 +707,11 @@ def agreed_stop(signals: StopSignals, ddp: Distributed, due: bool = True) -> int
 
 def evaluate_sets(
     model: torch.nn.Module, data: TrainingData, ttas: tuple[str, ...], ddp: Distributed, **options
-) -> tuple[dict, torch.Tensor, dict]:
+) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor, dict]:
     """Evaluates every set with each TTA mode. Returns the scores ({test,val}_{acc,loss}, with a
-    _tta suffix for the augmented evaluation), and the test set's logits and metrics of the last mode."""
-    scores, test_logits, test_result = {}, None, None
+    _tta suffix for the augmented evaluation), each set's logits without TTA, and the test set's
+    logits and metrics of the last mode."""
+    scores, plain_logits, test_logits, test_result = {}, {}, None, None
     for name, (images, labels) in data.eval_sets.items():
         share = images[ddp.shard(len(images))]  # each process one contiguous shard; gathered in order
         for tta in ttas:
@@ -713,9 +723,38 @@ def evaluate_sets(
             result = metrics(logits, labels, data.classes)
             suffix = "" if tta == "none" else "_tta"
             scores[f"{name}_loss{suffix}"], scores[f"{name}_acc{suffix}"] = result["loss"], result["accuracy"]
+            if tta == "none":
+                plain_logits[name] = logits
             if name == "test":
                 test_logits, test_result = logits, {**result, "tta": tta}
-    return scores, test_logits, test_result
+    return scores, plain_logits, test_logits, test_result
+
+
+def fitted_temperature(plain_logits: dict[str, torch.Tensor], data: TrainingData) -> float:
+    """The temperature that calibrates the model's probabilities, fitted on the validation split's
+    logits (never the test set's); 1.0, the plain softmax, when the run holds out no validation split."""
+    if "val" not in plain_logits:
+        return 1.0
+    return fit_temperature(plain_logits["val"], data.eval_sets["val"][1])
+
+
+def calibration_record(test_logits: torch.Tensor, test_labels: torch.Tensor, temperature: float) -> dict:
+    """The final epoch's calibration figures: the temperature, and the test set's expected
+    calibration error (plain predictions) before and after it."""
+    return {
+        "temperature": temperature,
+        "test_ece": calibration_error(test_logits, test_labels),
+        "test_ece_calibrated": calibration_error(test_logits, test_labels, temperature),
+    }
+
+
+def calibration_line(record: dict, calibrated: bool) -> str:
+    if not calibrated:
+        return f"probabilities not calibrated (no --val-split to fit a temperature): test ECE {record['test_ece']:.2%}"
+    return (
+        f"probabilities calibrated: temperature {record['temperature']:.3f}, fitted on the validation split; "
+        f"test ECE {record['test_ece']:.2%} before, {record['test_ece_calibrated']:.2%} after"
+    )
 
 
 def epoch_line(record: dict, epochs: int) -> str:
@@ -746,6 +785,10 @@ def summarize(
         "test_loss": record["test_loss"],
         "tta": cfg.tta,
         **(validation if cfg.val_split else {}),
+        # Probabilities: softmax(logits / temperature), the temperature fitted on the validation split.
+        "temperature": progress.temperature,
+        "test_ece": record.get("test_ece"),
+        "test_ece_calibrated": record.get("test_ece_calibrated"),
         "epochs": cfg.epochs,
         "epoch_equivalents": cfg.epoch_equivalents(),
         "seconds": round(seconds, 2),

@@ -1,0 +1,101 @@
+"""Honest probabilities: the temperature fitted on the validation split is the one that minimises
+its loss, the expected calibration error is what its definition says, and the temperature travels
+with the model (checkpoint, exports) into every answer (classify, predict, evaluate)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from miniresnet import load_model
+from miniresnet.calibration import calibration_error, fit_temperature, reliability
+from miniresnet.checkpoint import load_checkpoint, model_from_checkpoint, read_model
+from miniresnet.cli import main
+from miniresnet.errors import MiniResNetError
+from miniresnet.evaluate import classify, predict_logits
+from miniresnet.train import train
+
+
+def sampled(n: int, temperature: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits, and labels drawn from softmax(logits / temperature): `temperature` calibrates them."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 10, generator=generator, dtype=torch.float64) * 4
+    labels = torch.multinomial((logits / temperature).softmax(1), 1, generator=generator).flatten()
+    return logits, labels
+
+
+def test_the_fitted_temperature_minimises_the_loss():
+    logits, labels = sampled(20_000, 2.5)
+    fitted = fit_temperature(logits, labels)
+    grid = torch.linspace(0.5, 6, 2_201, dtype=torch.float64)  # steps of 0.0025
+    losses = torch.stack([F.cross_entropy(logits / t, labels) for t in grid])
+    assert abs(fitted - grid[losses.argmin()].item()) <= 0.003
+    assert abs(fitted - 2.5) < 0.1  # and, with this many samples, the one the labels were drawn with
+
+
+def test_the_calibration_error_is_its_definition():
+    # Two images at confidence ~0.9 (one right), one at ~0.6 (right): bins 13 and 9 of 15.
+    logits = torch.tensor([[math.log(9.0), 0.0], [math.log(9.0), 0.0], [math.log(1.5), 0.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0])
+    bins = reliability(logits, labels)
+    assert [b["count"] for b in bins] == [0] * 9 + [1] + [0] * 3 + [2] + [0]
+    expected = 2 / 3 * abs(0.5 - 0.9) + 1 / 3 * abs(1.0 - 0.6)
+    assert calibration_error(logits, labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_scaling_by_the_fitted_temperature_calibrates_overconfident_logits():
+    logits, labels = sampled(20_000, 3.0, seed=1)  # the raw softmax is far too confident
+    validation, test = slice(0, 10_000), slice(10_000, None)
+    temperature = fit_temperature(logits[validation], labels[validation])
+    before = calibration_error(logits[test], labels[test])
+    after = calibration_error(logits[test], labels[test], temperature)
+    assert before > 0.15 and after < 0.02
+
+
+def test_a_run_fits_its_temperature_on_validation_and_every_answer_uses_it(tiny_data, tmp_path, capsys):
+    summary = train(tiny_config(tiny_data, tmp_path / "run", epochs=2, val_split=60, label_smoothing=0.2))
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    temperature = checkpoint["temperature"]
+    assert temperature != 1.0 and summary["temperature"] == temperature
+    assert {"test_ece", "test_ece_calibrated"} <= summary.keys()
+    assert "probabilities calibrated: temperature" in capsys.readouterr().err
+    model = load_model(tmp_path / "run" / "last.pt")
+    assert model.temperature == temperature
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    logits = predict_logits(model, images, model.mean, model.std)
+    expected = (logits / temperature).softmax(1).max(1).values
+    assert [round(top[0][1], 6) for top in classify(model, images, 1)] == pytest.approx(expected.tolist(), abs=1e-6)
+
+    exported = tmp_path / "m.safetensors"
+    args = ["export", str(tmp_path / "run" / "last.pt"), "--format", "safetensors", "--out", str(exported)]
+    assert main([*args, "--data-dir", str(tiny_data), "--no-verify-data"]) == 0
+    assert load_model(exported).temperature == temperature
+    plots = tmp_path / "plots"
+    evaluate = ["evaluate", str(exported), "--data-dir", str(tiny_data), "--no-verify-data", "--plots", str(plots)]
+    capsys.readouterr()
+    assert main(evaluate) == 0
+    assert f"temperature {temperature:.3f}" in capsys.readouterr().out and (plots / "reliability.png").is_file()
+    assert main([*evaluate, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["temperature"] == temperature and 0 <= result["ece"] <= 1
+
+
+def test_without_a_validation_split_the_probabilities_are_the_plain_softmax(tiny_data, tmp_path, capsys):
+    summary = train(tiny_config(tiny_data, tmp_path / "run", epochs=1))
+    assert summary["temperature"] == 1.0 and summary["test_ece"] == summary["test_ece_calibrated"]
+    assert "probabilities not calibrated" in capsys.readouterr().err
+    assert load_model(tmp_path / "run" / "last.pt").temperature == 1.0
+
+
+@pytest.mark.parametrize("temperature", [0, -1.0, float("nan"), "2", True])
+def test_a_model_file_with_an_impossible_temperature_is_one_clear_error(tiny_data, tmp_path, temperature):
+    train(tiny_config(tiny_data, tmp_path / "run", epochs=1))
+    state = read_model(tmp_path / "run" / "last.pt")
+    state["temperature"] = temperature
+    with pytest.raises(MiniResNetError, match="its temperature is .*, not a number above 0"):
+        model_from_checkpoint(state, "m.pt")
