@@ -99,3 +99,26 @@ def test_a_model_file_with_an_impossible_temperature_is_one_clear_error(tiny_dat
     state["temperature"] = temperature
     with pytest.raises(MiniResNetError, match="its temperature is .*, not a number above 0"):
         model_from_checkpoint(state, "m.pt")
+
+
+def test_evaluate_on_jpeg_compressed_images(tiny_data, tmp_path, capsys):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from miniresnet.images import jpeg_roundtrip
+
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    Image.fromarray(images[1].permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=50)
+    by_hand = torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB")).copy()).permute(2, 0, 1)
+    compressed = jpeg_roundtrip(images, 50, progress=False)
+    assert torch.equal(compressed[1], by_hand) and not torch.equal(compressed, images)
+    train(tiny_config(tiny_data, tmp_path / "run", epochs=1))
+    args = ["evaluate", str(tmp_path / "run" / "last.pt"), "--data-dir", str(tiny_data), "--no-verify-data", "--json"]
+    assert main([*args, "--jpeg-quality", "50"]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == "CIFAR-10 test set, re-encoded as JPEG q50"
+    with pytest.raises(SystemExit):
+        main([*args, "--jpeg-quality", "0"])
+    assert "a JPEG quality is between 1 and 100, got 0" in capsys.readouterr().err

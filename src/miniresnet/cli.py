@@ -170,6 +170,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"evaluate it on the data it was trained for (--dataset, --labels) or on an --image-folder"
             )
         images, labels, source = data.test_images, data.test_labels, f"{data.name} test set"
+    if args.jpeg_quality is not None:
+        from .images import jpeg_roundtrip
+
+        images, source = jpeg_roundtrip(images, args.jpeg_quality), f"{source}, re-encoded as JPEG q{args.jpeg_quality}"
     logits = model_logits(model, images, args, device, precision)
     result = {**metrics(logits, labels, model.classes, model.temperature), "tta": args.tta, "source": source}
     if args.plots:
@@ -381,6 +385,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def jpeg_quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a JPEG quality is between 1 and 100, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -429,7 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on DIR/<class name>/<images> (any of the model's classes) instead of a test set",
     )
     evaluate.add_argument("--cache-dir", help="where prepared folder images are cached (default ~/.cache/miniresnet)")
-    evaluate.add_argument("--plots", metavar="DIR", help="also write DIR/confusion.png and DIR/misclassified.png")
+    evaluate.add_argument(
+        "--plots", metavar="DIR", help="also write DIR/confusion.png, misclassified.png and reliability.png"
+    )
+    evaluate.add_argument(
+        "--jpeg-quality",
+        type=jpeg_quality,
+        metavar="Q",
+        help="re-encode every image as a JPEG of quality Q (1-100) first: accuracy on compressed images",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     evaluate.add_argument(
         "--verify-data",

@@ -184,6 +184,31 @@ def decode_reduced(image, shortest: int):
     return image.reduce(factor)
 
 
+def jpeg_roundtrip(images: torch.Tensor, quality: int, progress: bool = True) -> torch.Tensor:
+    """uint8 images (N, 3, H, W), each encoded as a JPEG of `quality` (Pillow's default 4:2:0
+    chroma subsampling, as cameras and most software write them) and decoded again: what the
+    format's loss does to them. On all cores (Pillow works outside the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from .runtime import available_cores
+
+    Image = _pil()
+    if not 1 <= quality <= 100:
+        raise MiniResNetError(f"a JPEG quality is between 1 and 100, got {quality}")
+
+    def roundtrip(image: torch.Tensor) -> torch.Tensor:
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=quality)
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(decoded.copy()).permute(2, 0, 1)
+
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+        done = tqdm(pool.map(roundtrip, images), total=len(images), desc=f"JPEG q{quality}", disable=not progress)
+        return torch.stack(list(done))
+
+
 def listing(paths: list[Path], root: Path, first: int = 5) -> str:
     """The first few of `paths`, relative to `root`, and how many more."""
     names = [display_name(p.relative_to(root)) for p in paths[:first]]
