@@ -96,6 +96,15 @@ class TrainConfig:
         "cutout augmentation: blank a square this many pixels wide at a random place in each "
         "training image, set before any downscaling (0 = off)",
     )
+    jpeg_p: float = _opt(
+        0.0,
+        "JPEG augmentation: each epoch, each training image is replaced with this probability by one of its "
+        "--jpeg-versions JPEG-compressed versions (prepared once, cached)",
+    )
+    jpeg_versions: int = _opt(4, "JPEG augmentation: compressed versions prepared of each training image")
+    jpeg_qualities: tuple[int, ...] = _opt(
+        (40, 95), "JPEG augmentation: the lowest and highest quality the versions are drawn from", nargs=2
+    )
     tta: str = _opt(
         "none",
         "test-time augmentation of the final evaluation: the mean logits over the image and "
@@ -125,7 +134,7 @@ class TrainConfig:
         0.2, "folder data without a test folder: the share of each class held out as the test set (seeded)"
     )
     image_size: int = _opt(32, "folder data: the side images are prepared at (largest centred square, resized)")
-    cache_dir: str = _opt("", "folder data: where prepared images are cached (default ~/.cache/miniresnet)")
+    cache_dir: str = _opt("", "where prepared folder images and JPEG versions are cached (default ~/.cache/miniresnet)")
     strict: bool = _opt(False, "folder data: an unreadable image is an error instead of being skipped")
     download: bool = _opt(True, "download CIFAR-10 or CIFAR-100 into --data-dir when it is not there")
     verify_data: bool = _opt(True, "check every data file against its published MD5 before use")
@@ -160,6 +169,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)
+        self.jpeg_qualities = tuple(self.jpeg_qualities)
 
     def validate(self, train_size: int | None = None) -> None:
         """Refuse values that cannot work, with the reason, before any work is done."""
@@ -185,6 +195,14 @@ class TrainConfig:
         for name in ("lr", "muon_lr"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.jpeg_p <= 1:
+            problems.append(f"jpeg_p must be in [0, 1], got {self.jpeg_p}")
+        low, high = (tuple(self.jpeg_qualities) + (0, 0))[:2]
+        if len(self.jpeg_qualities) != 2 or not 1 <= low <= high <= 100 or self.jpeg_versions < 1:
+            problems.append(
+                f"jpeg_qualities must be two qualities 1 <= low <= high <= 100 and jpeg_versions at least 1, got "
+                f"{tuple(self.jpeg_qualities)} and {self.jpeg_versions}"
+            )
         for name in ("momentum", "warmup", "label_smoothing", "ema"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .data import ImageSet
 from .errors import MiniResNetError
 from .files import atomic_path
-from .images import FORMATS_TEXT, IMAGE_SUFFIXES, display_name, files_under, listing, load_image
+from .images import FORMATS_TEXT, IMAGE_SUFFIXES, display_name, files_under, jpeg_versions, listing, load_image
 from .runtime import available_cores, log
 
 CACHE_VERSION = 2  # bump when the preparation of an image changes
@@ -140,9 +140,10 @@ def write_cache(path: Path, saved: dict) -> str:
 
 
 def trim_cache(cache_dir: Path, max_bytes: int, keep: Path) -> int:
-    """Delete the least recently used folder caches until the rest fit in `max_bytes`; returns how many."""
+    """Delete the least recently used caches (folders', JPEG versions') until the rest fit in
+    `max_bytes`; returns how many."""
     caches = []
-    for path in cache_dir.glob("folder-*.pt"):
+    for path in [*cache_dir.glob("folder-*.pt"), *cache_dir.glob("jpeg-*.pt")]:
         try:
             stat = path.stat()
         except OSError:
@@ -183,6 +184,40 @@ def prepared_folder(
             raise MiniResNetError(f"{message}; fix or remove them: {shown}")
         log(f"{message}, skipped: {shown}")
     return saved["images"], torch.tensor(labels, dtype=torch.int64)[saved["kept"]], classes
+
+
+def cached_jpeg_versions(
+    images: torch.Tensor,
+    versions: int,
+    qualities: tuple[int, int],
+    seed: int,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """images.jpeg_versions of the training images, made once and then read from the cache
+    directory, under a key of everything they depend on: the images' bytes, the number of
+    versions, the quality range, the seed and Pillow's version."""
+    import PIL
+
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    about = f"{CACHE_VERSION} {PIL.__version__} {versions} {tuple(qualities)} {seed} {tuple(images.shape)}\n"
+    digest = hashlib.sha256(about.encode())
+    digest.update(images.contiguous().numpy())
+    cache = cache_dir / f"jpeg-{digest.hexdigest()[:24]}.pt"
+    started = time.perf_counter()
+    try:
+        saved = torch.load(cache, weights_only=True)
+        if isinstance(saved, dict) and isinstance(saved.get("versions"), torch.Tensor):
+            if saved["versions"].shape == (versions, *images.shape) and saved["versions"].dtype == torch.uint8:
+                os.utime(cache)
+                log(f"{versions} JPEG versions of {len(images):,} images from the cache {cache}")
+                return saved["versions"]
+    except Exception:  # missing, truncated, foreign: all mean "encode again"
+        pass
+    made = jpeg_versions(images, versions, qualities, seed, progress)
+    where = write_cache(cache, {"versions": made})
+    log(f"{versions} JPEG versions of {len(images):,} images made and {where} ({time.perf_counter() - started:.1f} s)")
+    return made
 
 
 def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -209,6 +209,24 @@ def jpeg_roundtrip(images: torch.Tensor, quality: int, progress: bool = True) ->
         return torch.stack(list(done))
 
 
+def jpeg_versions(
+    images: torch.Tensor, versions: int, qualities: tuple[int, int], seed: int, progress: bool = True
+) -> torch.Tensor:
+    """`versions` JPEG-compressed versions of each uint8 image, (versions, N, 3, H, W): version v of
+    image i at a quality drawn uniformly from `qualities` (both ends included) with `seed`."""
+    low, high = qualities
+    drawn = torch.randint(low, high + 1, (versions, len(images)), generator=torch.Generator().manual_seed(seed))
+    from tqdm import tqdm
+
+    out = torch.empty(versions, *images.shape, dtype=torch.uint8)
+    with tqdm(total=drawn.numel(), desc="JPEG versions", unit="img", disable=not progress) as bar:
+        for quality in drawn.unique().tolist():  # one parallel pass per quality
+            where = (drawn == quality).nonzero()
+            out[where[:, 0], where[:, 1]] = jpeg_roundtrip(images[where[:, 1]], quality, progress=False)
+            bar.update(len(where))
+    return out
+
+
 def listing(paths: list[Path], root: Path, first: int = 5) -> str:
     """The first few of `paths`, relative to `root`, and how many more."""
     names = [display_name(p.relative_to(root)) for p in paths[:first]]

@@ -45,6 +45,8 @@ class BatchLoader:
         dtype: torch.dtype = torch.float32,
         rank: int = 0,
         world_size: int = 1,
+        jpeg_versions: torch.Tensor | None = None,
+        jpeg_p: float = 0.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -54,6 +56,12 @@ class BatchLoader:
         # channels_last: each pixel's C values side by side, what crop_flip gathers and the model reads
         self.images = pad(images, crop_padding).to(device).contiguous(memory_format=torch.channels_last)
         self.labels = labels.to(device)
+        # JPEG augmentation: (V, N, 3, H, W) compressed versions of the images, padded as they are; each
+        # epoch each image is swapped for one of them with probability jpeg_p.
+        self.jpeg_versions, self.jpeg_p = None, jpeg_p
+        if jpeg_versions is not None and jpeg_p > 0:
+            padded = pad(jpeg_versions.flatten(0, 1), crop_padding)
+            self.jpeg_versions = padded.view(*jpeg_versions.shape[:2], *padded.shape[1:]).to(device)
         self.batch_size = batch_size
         self.mean, self.std = mean.to(device), std.to(device)  # moved once, not with every batch
         self.shuffle, self.crop_padding, self.flip, self.cutout = shuffle, crop_padding, flip, cutout
@@ -98,12 +106,18 @@ class BatchLoader:
             dy, dx, mirrored = dy.to(device), dx.to(device), mirrored.to(device)
         if self.cutout:  # drawn after the crops, so turning it on leaves their stream as it was
             cy, cx = (t.to(device) for t in random_squares(n, self.size, generator))
+        if self.jpeg_versions is not None:  # drawn last, for the same reason
+            compressed = (torch.rand(n, generator=generator) < self.jpeg_p).to(device)
+            version = torch.randint(len(self.jpeg_versions), (n,), generator=generator).to(device)
         order = order.to(device)
         used = self.images_per_epoch  # the draws above cover all n, so leaving images out changes none of them
         for first in range(start * self.batch_size, used, self.batch_size):
             picked = torch.arange(first + self.rank, min(first + self.batch_size, used), self.world_size, device=device)
             index = order[picked]
             images = self.images[index]
+            if self.jpeg_versions is not None:
+                swap = compressed[picked]
+                images[swap] = self.jpeg_versions[version[picked][swap], index[swap]]
             if augment:
                 images = crop_flip(images, self.size, dy[picked], dx[picked], mirrored[picked])
             images = normalize(images, self.mean, self.std, self.dtype)

@@ -148,7 +148,8 @@ class Progress:
 class TrainingData:
     """The images a run uses, as uint8 tensors: the training images (less the validation split),
     the sets evaluated after epochs ({"test": ..., "val": ...}), the training set's statistics, the
-    class names and data set name, and the whole data set's fingerprint (see data_fingerprint)."""
+    class names and data set name, the whole data set's fingerprint (see data_fingerprint), and
+    with JPEG augmentation the training images' compressed versions (V, N, 3, H, W)."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -158,6 +159,7 @@ class TrainingData:
     classes: tuple[str, ...]
     name: str
     fingerprint: str
+    jpeg_versions: torch.Tensor | None = None
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -227,6 +229,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         dtype=precision.weights,
         rank=ddp.rank,
         world_size=ddp.world_size,
+        jpeg_versions=data.jpeg_versions,
+        jpeg_p=cfg.jpeg_p,
     )
     if loader.left_out:
         n = len(data.train_labels)
@@ -459,9 +463,15 @@ def prepare_data(cfg: TrainConfig) -> TrainingData:
         eval_sets["val"] = (data.train_images[n_train:], data.train_labels[n_train:])
     train_images, train_labels = data.train_images[:n_train], data.train_labels[:n_train]
     mean, std = channel_stats(train_images)
-    return TrainingData(
-        train_images, train_labels, eval_sets, mean, std, data.classes, data.name, data_fingerprint(data)
-    )
+    versions = None
+    if cfg.jpeg_p > 0:  # JPEG augmentation is data: compressed versions beside the originals, made once
+        from .folders import cached_jpeg_versions
+
+        versions = cached_jpeg_versions(
+            train_images, cfg.jpeg_versions, cfg.jpeg_qualities, cfg.seed, cfg.cache_dir or None, not cfg.quiet
+        )
+    classes, name, fingerprint = data.classes, data.name, data_fingerprint(data)
+    return TrainingData(train_images, train_labels, eval_sets, mean, std, classes, name, fingerprint, versions)
 
 
 def data_fingerprint(data: ImageSet) -> str:
