@@ -3,6 +3,7 @@ NAME.json, and MODEL_CARD.md regenerated from every card.
 
     python scripts/ship_model.py runs/best-s0 best --data-dir ../shared/cifar10 \
         --command "miniresnet train --preset best --seed 0" --commit a312352...
+    python scripts/ship_model.py --refresh --data-dir ../shared/cifar10   # the cards' figures again, same files
 
 The card's test accuracy is the shipped file's own, evaluated here in fp32 on all 10,000 test
 images (what `miniresnet evaluate best` prints); the training run's own figures (in the precision
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from PIL import Image
 
 from miniresnet import load_model
+from miniresnet.calibration import calibration_error
 from miniresnet.data import load_cifar10
 from miniresnet.evaluate import metrics, predict_logits
 from miniresnet.export import export
@@ -50,6 +53,23 @@ def jpeg_copy(images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ..
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / classes[label] / f"{i:05d}.jpg", quality=75)
 
 
+def portable(text: str, name: str) -> str:
+    """A command or note without the training machine's directories: DIR for the data, runs/NAME for the run."""
+    text = re.sub(r"--data-dir \S+", "--data-dir DIR", text)
+    return re.sub(r"(--out |--resume )?\S*/?runs/[\w.-]+", lambda m: f"{m.group(1) or ''}runs/{name}", text)
+
+
+def calibration(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The shipped file's temperature and its test-set expected calibration error (15 bins, plain)
+    with the plain softmax and with the temperature."""
+    logits = predict_logits(model, images, model.mean, model.std)
+    return {
+        "temperature": model.temperature,
+        "test_ece": calibration_error(logits, labels),
+        "test_ece_calibrated": calibration_error(logits, labels, model.temperature),
+    }
+
+
 def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str, commit: str, note: str) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -72,13 +92,13 @@ def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str,
         "bytes": path.stat().st_size,
         "description": DESCRIPTIONS.get(name, f"a run of the `{name}` preset"),
         "preset_tta": config["tta"],
-        "command": command,
+        "command": portable(command, name) + ("" if "--data-dir" in command else " --data-dir DIR --out runs/" + name),
         "commit": commit,
         "seed": config["seed"],
         "trained_on": config["resolved"]["machine"],
         "trained_in_precision": summary["precision"],
         "train_seconds": summary["seconds"],
-        "note": note,
+        "note": portable(note, name),
         "epochs": summary["epochs"],
         "architecture": model.arch(),
         "parameters": summary["params"],
@@ -95,6 +115,7 @@ def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str,
         },
         "per_class_accuracy": plain["per_class"],
         "jpeg75_test_accuracy": {"plain": jpeg_plain["accuracy"], "tta": jpeg_tta["accuracy"]},
+        "calibration": calibration(model, data.test_images, data.test_labels),
         "run_reported": {"test_acc": summary["test_acc"], "test_acc_plain": summary["test_acc_plain"]},
         "evaluated_on": describe_machine(torch.device("cpu")),
     }
@@ -106,6 +127,29 @@ def accuracy_row(name: str, card: dict) -> str:
         f"| `{name}` | {test['plain']:.2%} | {test['tta']:.2%} ({test['tta_mode']}) | {jpeg['plain']:.2%} "
         f"| {jpeg['tta']:.2%} | {card['parameters']:,} | {card['train_seconds']:,.0f} s, "
         f"{card['trained_in_precision']}, {machine['cpu']} ({machine['cpu_capability']}) |"
+    )
+
+
+def calibration_text(cards: dict[str, dict]) -> str:
+    """What the cards say about how far each model's probabilities can be trusted."""
+    parts = []
+    for name, card in cards.items():
+        c = card.get("calibration")
+        if c is None:
+            parts.append(f"`{name}`: not measured")
+        elif c["temperature"] == 1.0:
+            parts.append(
+                f"`{name}` is not calibrated (temperature 1): its expected calibration error is {c['test_ece']:.2%}"
+            )
+        else:
+            parts.append(
+                f"`{name}` divides its logits by a temperature of {c['temperature']:.3f}, fitted on a validation "
+                f"split: its expected calibration error is {c['test_ece_calibrated']:.2%} ({c['test_ece']:.2%} without)"
+            )
+    return (
+        "; ".join(parts) + " (on the test set, 15 confidence bins, no TTA). A run fits its temperature on its "
+        "validation split (`--val-split`); a model trained without one keeps the plain softmax, and its "
+        "probabilities are then only as honest as the numbers here say."
     )
 
 
@@ -147,8 +191,9 @@ safetensors file of ~0.9 MB inside the package, loaded by name: `load_model("{na
 **For**: classifying small natural photographs into the ten CIFAR-10 classes ({", ".join(classes)}),
 as a baseline to compare against, and as a starting point for experiments. **Not for**: anything
 outside those ten classes (every image gets one of the ten, with no "none of these"), images
-that are not photographs of a single centred object, or any decision about people; the
-probabilities are not calibrated beyond what the test loss shows.
+that are not photographs of a single centred object, or any decision about people.
+
+**Probabilities.** {calibration_text(cards)}
 
 **Data.** Trained on the 50,000 CIFAR-10 training images (32x32 RGB photographs, 5,000 per
 class); evaluated on its 10,000 test images, which no choice of recipe looked at (the presets were
@@ -195,15 +240,33 @@ its card.
 """
 
 
+def refresh_cards(data_dir: str) -> None:
+    """Every shipped card's calibration figures measured again from its file, its command and note
+    made portable, and MODEL_CARD.md written anew; the weights are untouched."""
+    data = load_cifar10(data_dir)
+    for name, card in shipped_cards().items():
+        card["command"], card["note"] = portable(card["command"], name), portable(card.get("note", ""), name)
+        card["calibration"] = calibration(load_model(name), data.test_images, data.test_labels)
+        write_text_atomically(WEIGHTS_DIR / f"{name}.json", json.dumps(card, indent=1) + "\n")
+        print(json.dumps({"name": name, "command": card["command"], "calibration": card["calibration"]}))
+    write_text_atomically(ROOT / "MODEL_CARD.md", model_card_markdown(shipped_cards()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("name")
+    parser.add_argument("run_dir", type=Path, nargs="?")
+    parser.add_argument("name", nargs="?")
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--command", required=True, help="the exact command the run was trained with")
-    parser.add_argument("--commit", required=True, help="the commit it was trained at")
+    parser.add_argument("--command", help="the exact command the run was trained with")
+    parser.add_argument("--commit", help="the commit it was trained at")
     parser.add_argument("--note", default="", help="anything a reader of the card should know about the run")
+    parser.add_argument("--refresh", action="store_true", help="only measure the shipped cards' figures again")
     args = parser.parse_args()
+    if args.refresh:
+        refresh_cards(args.data_dir)
+        return
+    if not (args.run_dir and args.name and args.command and args.commit):
+        parser.error("shipping a run needs RUN_DIR NAME --command --commit")
     data = load_cifar10(args.data_dir)
     path = WEIGHTS_DIR / f"{args.name}.safetensors"
     result = export(load_model(args.run_dir / "last.pt"), "safetensors", path, data.test_images[:256])
