@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from miniresnet.config import TrainConfig
-from miniresnet.data import BIN_DIR, PY_DIR, TEST_FILES, TRAIN_FILES
+from miniresnet.data import BIN_DIR, CLASSES, PY_DIR, TEST_FILES, TRAIN_FILES
 from miniresnet.export import NormalizedModel
 from miniresnet.model import MiniResNet
 from miniresnet.safetensors_file import save_safetensors
@@ -132,3 +132,12 @@ __all__ = [
     "write_binary_batch",
     "write_python_batch",
 ]
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> Path:
+    """An untrained CIFAR-10 model exported as safetensors: what a server loads like any model file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("served") / "model.safetensors"
+    export_like(MiniResNet().eval(), path, list(CLASSES))
+    return path

@@ -27,24 +27,11 @@ pytest.importorskip("fastapi", reason="the server is an optional extra: pip inst
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import export_like
-from miniresnet import MiniResNet
 from miniresnet.cli import main
 from miniresnet.data import load_cifar10
 from miniresnet.images import FORMATS_TEXT, IMAGE_SUFFIXES, accepted_formats
 from miniresnet.pretrained import DEFAULT_MODEL
 from miniresnet.serve import Batcher, Metrics, RequestError, ServeConfig, create_app
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    """An untrained model exported as safetensors: what the server loads like any model file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("serve") / "model.safetensors"
-    export_like(MiniResNet().eval(), path, CLASSES)
-    return path
 
 
 def png_bytes(size=(50, 40), colour=(200, 30, 30), mode="RGB") -> bytes:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="the server is an optional extra: pip install 'miniresnet[serve]'")
 
@@ -27,21 +26,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from conftest import export_like
-from miniresnet import MiniResNet
 from miniresnet.serve import ServeConfig, create_app
-from test_serve import CLASSES, png_bytes, post, server_process
+from test_serve import png_bytes, post, server_process
 
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's memory in /proc")
 FIFTY_MB = 50 * 1024 * 1024  # over the default 32 MB cap, under the 4x the server reads and discards
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("serve-limits") / "model.safetensors"
-    export_like(MiniResNet().eval(), path, CLASSES)
-    return path
 
 
 @pytest.fixture(scope="module")
