@@ -63,3 +63,29 @@ def test_a_muon_run_learns_and_resumes_its_momentum(tiny_data, tmp_path):
     assert summary["test_acc"] > 0.2
     state = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]
     assert all("momentum_buffer" in s for s in state["state"].values())
+
+
+def test_filter_banks_of_one_shape_are_orthogonalised_together_as_each_would_be_alone():
+    generator = torch.Generator().manual_seed(2)
+    stack = torch.randn(5, 16, 144, generator=generator, dtype=torch.float64)
+    together = orthogonalize(stack)
+    assert all(torch.allclose(together[i], orthogonalize(stack[i]), rtol=0, atol=1e-12) for i in range(5))
+    assert torch.allclose(orthogonalize(stack.mT), together.mT, rtol=0, atol=1e-12)  # tall ones too
+
+    def banks() -> list[torch.nn.Parameter]:
+        g = torch.Generator().manual_seed(3)
+        shapes = [(8, 4, 3, 3), (8, 8, 3, 3), (8, 8, 3, 3), (16, 8, 3, 3), (8, 8, 3, 3)]
+        return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+
+    shared, alone = banks(), banks()
+    one = MuonSGD([{"params": shared, "orthogonal": True}], lr=0.1, momentum=0.9, batch_banks=True)
+    each = [MuonSGD([{"params": [p], "orthogonal": True}], lr=0.1, momentum=0.9, batch_banks=False) for p in alone]
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        for a, b in zip(shared, alone, strict=True):
+            a.grad = torch.randn(a.shape, generator=g, dtype=torch.float64)
+            b.grad = a.grad.clone()
+        one.step()
+        for optimizer in each:
+            optimizer.step()
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(shared, alone, strict=True))
