@@ -284,12 +284,9 @@ PRESETS: dict[str, TrainConfig] = {
     "best": dataclasses.replace(SGD_RECIPE, epochs=200, warmup=0.05, downscale_epochs=100, eval_every=10, cutout=12),
     # Your own classes from tens to a few thousand images each, starting from the shipped best model
     # (or --init MODEL). Chosen with benchmarks/finetune.py on a validation split of five CIFAR-10
-    # classes that a model trained on the other five never saw (100 images per class, 3 seeds; the
-    # top two confirmed at 20 and 500): the new last layer at lr 0.1, the layers taken from the model
-    # at 0.3 of it. 89.1% against 88.2% for the first guess (lr 0.05, 0.1x); lr 0.2 at 0.1x was level
-    # at 100 (89.4%) but behind at 20 (72.9% against 75.1%) and 500 (93.5% against 93.8%); 0.01x lost
-    # 4.5 points. Freezing the body 3 epochs, frozen BatchNorm, cutout, no label smoothing: no gain;
-    # 15 epochs lost 0.8 points.
+    # classes that a model trained on the other five never saw (3 seeds per row): the new last layer
+    # at lr 0.1, the layers taken from the model at 0.3 of it; freezing and frozen BatchNorm did not
+    # help (benchmarks/RESULTS.md, "Fine-tuning", has the figures).
     "finetune": dataclasses.replace(
         SGD_RECIPE,
         init="best",
