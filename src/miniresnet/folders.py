@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -109,23 +110,29 @@ def decode_images(files: list[Path], image_size: int, progress: bool) -> tuple[l
     return [results[i] for i in kept], kept, [r for r in results if isinstance(r, str)]
 
 
-def read_cache(path: Path, n_files: int) -> dict | None:
-    """A folder's cached preparation (images, indices of the files they are, errors of the
-    others), or None when there is none or it is damaged or foreign (rebuilt, never trusted)."""
+def load_cache(path: Path, fits: Callable[[dict], bool]) -> dict | None:
+    """A cache file's contents when `fits` accepts them, marked used (for trim_cache); None when it
+    is missing, damaged or foreign: a cache is rebuilt, never trusted."""
     try:
         saved = torch.load(path, weights_only=True)
-    except Exception:  # missing, truncated, foreign: all mean "decode again"
+        if not (isinstance(saved, dict) and fits(saved)):
+            return None
+    except Exception:  # missing, truncated, another format: all mean "prepare again"
         return None
-    try:
-        images, kept, unreadable = saved["images"], saved["kept"], saved["unreadable"]
-        fits = images.dtype == torch.uint8 and len(images) == len(kept) == n_files - len(unreadable)
-        fits = fits and all(0 <= i < n_files for i in kept)
-    except (TypeError, KeyError, AttributeError):
-        return None
-    if not fits:
-        return None
-    os.utime(path)  # marks it used, for trim_cache
+    os.utime(path)
     return saved
+
+
+def read_cache(path: Path, n_files: int) -> dict | None:
+    """A folder's cached preparation (images, indices of the files they are, errors of the
+    others), or None when there is none that fits these files."""
+
+    def fits(saved: dict) -> bool:
+        images, kept, unreadable = saved["images"], saved["kept"], saved["unreadable"]
+        whole = images.dtype == torch.uint8 and len(images) == len(kept) == n_files - len(unreadable)
+        return whole and all(0 <= i < n_files for i in kept)
+
+    return load_cache(path, fits)
 
 
 def write_cache(path: Path, saved: dict) -> str:
@@ -205,15 +212,11 @@ def cached_jpeg_versions(
     digest.update(images.contiguous().numpy())
     cache = cache_dir / f"jpeg-{digest.hexdigest()[:24]}.pt"
     started = time.perf_counter()
-    try:
-        saved = torch.load(cache, weights_only=True)
-        if isinstance(saved, dict) and isinstance(saved.get("versions"), torch.Tensor):
-            if saved["versions"].shape == (versions, *images.shape) and saved["versions"].dtype == torch.uint8:
-                os.utime(cache)
-                log(f"{versions} JPEG versions of {len(images):,} images from the cache {cache}")
-                return saved["versions"]
-    except Exception:  # missing, truncated, foreign: all mean "encode again"
-        pass
+    expected_shape = (versions, *images.shape)
+    saved = load_cache(cache, lambda s: s["versions"].shape == expected_shape and s["versions"].dtype == torch.uint8)
+    if saved is not None:
+        log(f"{versions} JPEG versions of {len(images):,} images from the cache {cache}")
+        return saved["versions"]
     made = jpeg_versions(images, versions, qualities, seed, progress)
     where = write_cache(cache, {"versions": made})
     log(f"{versions} JPEG versions of {len(images):,} images made and {where} ({time.perf_counter() - started:.1f} s)")
