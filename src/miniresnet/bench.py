@@ -16,6 +16,7 @@ from .evaluate import evaluate
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs
 from .runtime import describe_machine, resolve_device, resolve_precision
+from .step import GraphStep
 from .train import build_optimizer, learning_rate, train_steps
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
@@ -56,7 +57,8 @@ def _model(cfg: TrainConfig, device: torch.device) -> MiniResNet:
 class StepTimer:
     """The loop `miniresnet train` runs (`train_steps`: batched crop/flip, normalisation, forward,
     backward, the preset's optimizer and lr schedule) on a model of its own: each call trains
-    `steps` batches of synthetic images, one more epoch, and returns its images/s."""
+    `steps` batches of synthetic images, one more epoch, and returns its images/s. On a GPU the step
+    is a recorded CUDA graph, as in training, unless `cuda_graph` is off (or fp16 or --compile)."""
 
     def __init__(self, cfg: TrainConfig, steps: int, device: torch.device) -> None:
         images, labels = synthetic_data(cfg.batch_size * steps)
@@ -68,6 +70,20 @@ class StepTimer:
         self.model_to_train = torch.compile(self.model) if cfg.compile else self.model  # compiled on the first call
         self.lr_at_step = functools.partial(learning_rate, cfg, steps_per_epoch=len(self.loader))
         self.label_smoothing, self.device, self.epoch = cfg.label_smoothing, device, 0
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.name == "fp16")
+        graphed = device.type == "cuda" and cfg.cuda_graph and not cfg.compile and self.precision.name != "fp16"
+        self.graph_step = (
+            GraphStep(
+                self.model,
+                self.optimizer,
+                precision=self.precision,
+                label_smoothing=cfg.label_smoothing,
+                batch_size=cfg.batch_size,
+                capture=True,
+            )
+            if graphed
+            else None
+        )
 
     def __call__(self) -> float:
         self.loader.set_epoch(self.epoch)
@@ -81,6 +97,8 @@ class StepTimer:
             self.epoch,
             precision=self.precision,
             label_smoothing=self.label_smoothing,
+            scaler=self.scaler,
+            graph_step=self.graph_step,
         )
         for _ in steps:
             pass
@@ -130,17 +148,25 @@ def run_bench(
     device: str = "auto",
     preset: str = "seed",
     compile: bool = False,
+    cuda_graph: bool = True,
 ) -> dict:
     """One precision's figures; the train FLOPs per image count the backward pass as twice the forward."""
     dev = resolve_device(device)
     resolved = resolve_precision(precision, dev)  # a fallback is said once, here; the timed loops get what ran
     dtype = resolved.autocast or resolved.weights  # the roofline is a matmul in the dtype the convolutions run in
     cfg = dataclasses.replace(
-        PRESETS[preset], precision=resolved.name, batch_size=batch_size, quiet=True, compile=compile
+        PRESETS[preset],
+        precision=resolved.name,
+        batch_size=batch_size,
+        quiet=True,
+        compile=compile,
+        cuda_graph=cuda_graph,
     )
     macs = count_macs(MiniResNet(cfg.widths, cfg.blocks_per_stage))
     roofline = matmul_gflops(dev, dtype)
-    train_rate = statistics.median(time_training(cfg, steps, repeats, dev))
+    timer = StepTimer(cfg, steps, dev)
+    timer()  # warm-up (and, on a GPU, the graph's recording)
+    train_rate = statistics.median([timer() for _ in range(repeats)])
     eval_rate = statistics.median(time_evaluation(cfg, repeats, dev))
     train_flop = 3 * 2 * macs
     return {
@@ -150,7 +176,9 @@ def run_bench(
         "device": str(dev),
         "machine": describe_machine(dev),
         "batch_size": batch_size,
+        "preset": preset,
         "compile": compile,
+        "cuda_graph": timer.graph_step is not None,
         "train_images_per_sec": round(train_rate, 1),
         "eval_images_per_sec": round(eval_rate, 1),
         "matmul_gflops": round(roofline, 1),

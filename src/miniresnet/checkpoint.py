@@ -94,7 +94,7 @@ def training_checkpoint(
         "init": init,
         "epoch": epoch,
         "trained_weights": model.state_dict() if ema else None,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": portable_optimizer_state(optimizer),
         "ema": ema.state_dict() if ema else None,
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "tally": tally,
@@ -106,6 +106,18 @@ def training_checkpoint(
             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
         },
     }
+
+
+def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict with each group's lr a number and nothing recorded for a CUDA graph:
+    a run that replays its step as a graph holds the lr in a device tensor (step.GraphStep), and its
+    checkpoint resumes anywhere, eagerly or as a graph."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        group["lr"] = float(group["lr"])
+        if group.get("capturable"):
+            group["capturable"] = False
+    return state
 
 
 def restore_training(

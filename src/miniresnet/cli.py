@@ -354,11 +354,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if args.precision == "all":  # bf16 only where it is native: elsewhere it would fall back to fp32 again
         on_gpu = resolve_device(args.device).type == "cuda"
-        precisions = ["fp32", "bf16"] if on_gpu or cpu_has_native_bf16() else ["fp32"]
+        precisions = ["fp32", "bf16", "fp16"] if on_gpu else ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
     else:
         precisions = [args.precision]
     for precision in precisions:
-        result = run_bench(precision, args.batch_size, args.steps, args.repeats, args.device, compile=args.compile)
+        result = run_bench(
+            precision,
+            args.batch_size,
+            args.steps,
+            args.repeats,
+            args.device,
+            preset=args.preset,
+            compile=args.compile,
+            cuda_graph=args.cuda_graph,
+        )
         if args.json:
             print(json.dumps(result), flush=True)
             continue
@@ -525,7 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="training and evaluation throughput against the matmul roofline")
     bench.add_argument(
-        "--precision", choices=(*PRECISIONS, "all"), default="all", help="all = fp32, then bf16 where it is native"
+        "--precision",
+        choices=(*PRECISIONS, "all"),
+        default="all",
+        help="all = fp32, then bf16 where it is native (and fp16 on a GPU)",
     )
     bench.add_argument("--batch-size", type=positive_int, default=100)
     bench.add_argument("--steps", type=positive_int, default=30, help="training batches per timed repeat")
@@ -533,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
     bench.add_argument("--compile", action="store_true", help="torch.compile the model (compiled in the warm-up)")
+    bench.add_argument("--preset", choices=tuple(PRESETS), default="seed", help="the recipe whose step is timed")
+    bench.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="on a GPU: launch each kernel from Python instead of replaying the step as a recorded CUDA graph",
+    )
     bench.add_argument("--json", action="store_true", help="one JSON object per precision")
     bench.set_defaults(run=cmd_bench)
     return parser

@@ -153,6 +153,11 @@ class TrainConfig:
         "with torchrun: BatchNorm statistics over the global batch, summed across "
         "processes (as one process computes them); off: each process normalises its own share",
     )
+    cuda_graph: bool = _opt(
+        True,
+        "on a GPU: record the training step once per image size as a CUDA graph and replay it for each full batch "
+        "(the same arithmetic, one launch instead of hundreds); not with torchrun, --compile, --lookahead or fp16",
+    )
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
     compile: bool = _opt(
         False,

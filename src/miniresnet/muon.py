@@ -64,7 +64,7 @@ class MuonSGD(torch.optim.Optimizer):
                 if group["orthogonal"]:
                     filters.append((p, update))
                 else:
-                    p.add_(update, alpha=-lr)
+                    step_by(p, update, lr)
             # Banks of one shape orthogonalised together on a GPU: a few kernels, not one per bank.
             for banks in banks_of_one_shape(filters, self.batch_banks):
                 matrices = [u.reshape(len(p), -1) for p, u in banks]
@@ -72,8 +72,17 @@ class MuonSGD(torch.optim.Optimizer):
                 for (p, _), update in zip(banks, updates, strict=True):
                     norm = len(p) ** 0.5
                     p.mul_(norm / p.norm().clamp_min(1e-12))
-                    p.add_(update.view_as(p), alpha=-lr * norm / min(update.shape) ** 0.5)
+                    step_by(p, update.view_as(p), lr * norm / min(update.shape) ** 0.5)
         return None
+
+
+def step_by(p: torch.Tensor, update: torch.Tensor, size: float | torch.Tensor) -> None:
+    """p -= size * update. `size` is a float, or a device tensor when the lr is one (a recorded CUDA
+    graph reads the tensor's value at each replay; a float would stay the one it was recorded with)."""
+    if isinstance(size, torch.Tensor):
+        p.sub_(update * size)
+    else:
+        p.add_(update, alpha=-size)
 
 
 def banks_of_one_shape(filters: list[tuple[torch.Tensor, torch.Tensor]], together: bool | None) -> list[list[tuple]]:

@@ -67,6 +67,7 @@ from .runtime import (
     resolve_precision,
     set_threads,
 )
+from .step import GraphStep
 
 
 class NonFiniteLoss(MiniResNetError):
@@ -269,7 +270,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         restore_training(saved, model, optimizer, ema, scaler, device)
         step = progress.tally.step
         say(f"resuming {out} after epoch {saved['epoch']}" + (f", step {step}" if step else ""))
-    elif ddp.is_main:
+    graph_step = graph_step_for(cfg, model_to_train, optimizer, precision, ddp, device, say)  # after the restore
+    if not saved and ddp.is_main:
         resolved = {
             "device": str(device),
             "data": data.name,
@@ -277,6 +279,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             "classes": list(data.classes),
             "threads": threads,
             "precision": precision.name,
+            "cuda_graph": graph_step is not None,
             "machine": describe_machine(device),
             "train_images": len(data.train_labels),
             "val_images": cfg.val_split,
@@ -354,6 +357,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                 progress_bar=None if cfg.quiet or not ddp.is_main else f"epoch {epoch + 1}/{cfg.epochs}",
                 body_lr_scale=0.0 if epoch < cfg.freeze_epochs else cfg.body_lr_ratio,
                 frozen_norm=cfg.freeze_norm,
+                graph_step=graph_step,
             )
             try:
                 for tally in steps:
@@ -543,6 +547,40 @@ def wrap_for_training(model: torch.nn.Module, compile: bool, ddp: Distributed, d
     return torch.compile(model) if compile else model
 
 
+def graph_step_for(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | Lookahead,
+    precision: Precision,
+    ddp: Distributed,
+    device: torch.device,
+    say: Callable[[str], None],
+) -> GraphStep | None:
+    """On a GPU, the training step recorded as a CUDA graph (step.GraphStep), unless --no-cuda-graph
+    or something it cannot record is on (said once); None on a CPU, where each kernel's launch is
+    cheap beside its work."""
+    if device.type != "cuda" or not cfg.cuda_graph:
+        return None
+    blockers = {
+        "torchrun": ddp.enabled,
+        "--compile": cfg.compile,
+        "--lookahead": bool(cfg.lookahead),
+        "fp16 (its loss scaler reads the gradients every step)": precision.name == "fp16",
+    }
+    if any(blockers.values()):
+        reasons = ", ".join(name for name, on in blockers.items() if on)
+        say(f"the training step is not recorded as a CUDA graph with {reasons}: each kernel is launched from Python")
+        return None
+    full = cfg.batch_size
+    say(
+        f"the training step is recorded as a CUDA graph for batches of {full} (an epoch's last, smaller batch "
+        "runs eagerly)"
+    )
+    return GraphStep(
+        model, optimizer, precision=precision, label_smoothing=cfg.label_smoothing, batch_size=full, capture=True
+    )
+
+
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """The lr of optimizer step `step` (counted from 0 over the whole run).
 
@@ -647,6 +685,7 @@ def train_steps(
     progress_bar: str | None = None,
     body_lr_scale: float = 1.0,
     frozen_norm: bool = False,
+    graph_step: GraphStep | None = None,
 ) -> Iterator[EpochTally]:
     """One pass over the shuffled, augmented training set from batch `tally.step` on: sets the lr,
     takes an optimizer step and yields the updated tally after each batch, so that the caller
@@ -655,7 +694,8 @@ def train_steps(
     loss raises NonFiniteLoss at the next read, before any checkpoint holds its weights. With fp16,
     `scaler` scales the loss so that small gradients do not underflow. Fine-tuning: the parameter
     groups marked `body` (taken from --init) step at `body_lr_scale` times the lr (0: frozen), and
-    with `frozen_norm` BatchNorm uses and keeps its running statistics."""
+    with `frozen_norm` BatchNorm uses and keeps its running statistics. With a `graph_step` (a GPU),
+    forward, backward and the optimizer run as its recorded CUDA graph, the lr in device tensors."""
     tally = tally or EpochTally()
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     model.train()
@@ -677,15 +717,19 @@ def train_steps(
     start, seen_before = time.perf_counter(), tally.seen
     for x, y in bar:
         lr = lr_at_step(epoch * len(loader) + tally.step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * body_lr_scale if group.get("body") else lr
-        with autocast(x.device, precision):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)  # with fp16: skipped when a gradient overflowed; else optimizer.step()
-        scaler.update()
+        if graph_step:
+            graph_step.set_lr(lr, body_lr_scale)
+            loss, logits = graph_step(x, y)
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * body_lr_scale if group.get("body") else lr
+            with autocast(x.device, precision):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # with fp16: skipped when a gradient overflowed; else optimizer.step()
+            scaler.update()
         if ema:
             ema.update()
         tally.add(loss, logits, y)
