@@ -68,3 +68,25 @@ def test_each_shipped_model_has_the_accuracy_its_card_states(real_data, name):
             predict_logits(model, data.test_images, model.mean, model.std, tta=tta), data.test_labels, model.classes
         )
         assert result["n"] == 10_000 and abs(result["accuracy"] - stated) <= 0.0005, (tta, result["accuracy"], stated)
+
+
+@pytest.mark.parametrize("name", sorted(shipped_cards()))
+def test_each_shipped_model_has_the_jpeg_accuracy_and_calibration_its_card_states(real_data, name):
+    """The card's other figures: plain accuracy on the test set re-encoded as JPEG at quality 75
+    (Pillow, 4:2:0), and the expected calibration error (15 bins) with and without the file's
+    temperature. The same allowance as above for another CPU's rounding: 5 images of 10,000, which
+    also bounds how far the ECE can move (each image shifts it by at most 1/10,000 per bin it leaves)."""
+    from miniresnet.calibration import calibration_error
+    from miniresnet.images import jpeg_roundtrip
+
+    card = shipped_cards()[name]
+    data = load_cifar10(real_data)
+    model = load_model(name)
+    jpeg = jpeg_roundtrip(data.test_images, 75, progress=False)
+    result = metrics(predict_logits(model, jpeg, model.mean, model.std), data.test_labels, model.classes)
+    assert abs(result["accuracy"] - card["jpeg75_test_accuracy"]["plain"]) <= 0.0005, result["accuracy"]
+    logits = predict_logits(model, data.test_images, model.mean, model.std)
+    calibration = card["calibration"]
+    assert model.temperature == pytest.approx(calibration["temperature"])
+    for ece, temperature in (("test_ece", 1.0), ("test_ece_calibrated", model.temperature)):
+        assert calibration_error(logits, data.test_labels, temperature) == pytest.approx(calibration[ece], abs=0.001)
