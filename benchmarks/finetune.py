@@ -16,10 +16,14 @@ each class, a validation folder of the last 500 of each (2,500 images, never tra
 first n of a seeded permutation, so a seed's smaller subsets lie inside its larger ones), so
 seeds differ in data as well as in initialisation.
 
-`base` trains the initial model once (`--preset fast --seed 0` on BASE): a Mini-ResNet that has
-never seen a target class. `search` runs rows on the validation folder (each row: the search base
-of its method, then its own options; 3 seeds), `final` runs the chosen `finetune` preset (from the
-base model) and the chosen scratch recipe on the test folder. Accuracy is always the final epoch's
+`base` trains an initial model once on BASE, seed 0: a Mini-ResNet that has never seen a target
+class. There are two (`--base`): `fast`, the `fast` preset (8 epoch equivalents), and `long`, the
+`best` preset's recipe with Muon for 76 epochs, 38 of them at 24x24 (59 equivalents), closer to
+the shipped `best` model that users fine-tune from. A base run stopped midway is continued with
+`miniresnet train --resume` in its directory; `base` then records it without training again.
+`search` runs rows on the validation folder (each row: the search base of its method, then its own
+options; 3 seeds), `final` runs the chosen `finetune` preset (from the --base model) and the chosen
+scratch recipe on the test folder. Accuracy is always the final epoch's
 (with the recipe's flip-translate TTA, and plain). Every run goes into
 benchmarks/results/finetune.json as it finishes; runs already there are not rerun, and processes
 started side by side on the same rows share them (each claims a run before it starts it). --jobs 2
@@ -60,6 +64,11 @@ SEARCH_BASE = {
     "finetune": "--preset best --init {base} --epochs 30 --batch-size 32 --lr 0.05 --warmup 0.1 "
     "--body-lr-ratio 0.1 --downscale-epochs 0 --cutout 0",
     "scratch": "--preset best --epochs 60 --batch-size 32 --lr 0.05 --warmup 0.1 --downscale-epochs 0 --cutout 0",
+}
+# The base models (name: recipe, run directory under WORK/runs).
+BASES = {
+    "fast": ("--preset fast", "base"),
+    "long": ("--preset best --optimizer muon --muon-lr 0.05 --epochs 76 --downscale-epochs 38", "base-long"),
 }
 # The final comparison: the preset as a user runs it, and the scratch recipe the search chose.
 FINAL = {
@@ -138,8 +147,31 @@ def subset(work: Path, n: int, seed: int) -> Path:
     return folder
 
 
-def base_checkpoint(work: Path) -> Path:
-    return work / "runs" / "base" / "last.pt"
+def base_checkpoint(work: Path, name: str) -> Path:
+    return work / "runs" / BASES[name][1] / "last.pt"
+
+
+def train_base(work: Path, name: str, threads: int) -> dict:
+    """Train base model `name` on BASE, or record it if its run already finished (for instance one
+    continued with --resume after a stop)."""
+    out = base_checkpoint(work, name).parent
+    options = [*shlex.split(BASES[name][0]), "--seed", "0", "--dataset", "folder", "--data-dir", str(work / "base")]
+    options += ["--cache-dir", str(work / "cache")]
+    if (out / "summary.json").exists():
+        config = json.loads((out / "config.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+        run = {
+            "command": ["miniresnet", "train", *options, "--eval-every", "0", "--quiet", "--out", str(out)],
+            "summary": summary,
+            "recipe": {k: config[k] for k in RECIPE_KEYS},
+            "machine": config["resolved"]["machine"],
+            "train_images": config["resolved"]["train_images"],
+            "wall_seconds": summary["seconds"],
+        }
+    else:
+        run = train(options, out, threads)
+    run["classes"] = json.loads((out / "config.json").read_text())["resolved"]["classes"]
+    return run
 
 
 def train(options: list[str], out: Path, threads: int) -> dict:
@@ -163,7 +195,12 @@ def train(options: list[str], out: Path, threads: int) -> dict:
 
 
 def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"search": [], "final": []}
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"search": [], "final": []}
+    if "base" in results:  # written when there was one base model, `fast`
+        results.setdefault("bases", {})["fast"] = results.pop("base")
+        for row in results["search"] + results["final"]:
+            row.setdefault("base", "fast" if row["method"] == "finetune" else None)
+    return results
 
 
 def spread(values: list[float]) -> list[float]:
@@ -191,17 +228,20 @@ def slug(text: str) -> str:
 def run_rows(args: argparse.Namespace, stage: str, rows: list[tuple[str, str, str]]) -> None:
     """Runs every (row, n, seed) not in the results yet; rows are (method, label, options).
     stage "search" evaluates on the validation folder, "final" on the test folder."""
-    work, base = args.work, base_checkpoint(args.work)
+    work, base = args.work, base_checkpoint(args.work, args.base)
     if any(method == "finetune" for method, _, _ in rows) and not base.exists():
-        raise SystemExit(f"no base model at {base}: run the `base` step first")
+        raise SystemExit(f"no base model at {base}: run the `base --base {args.base}` step first")
     evaluate_on = work / "target" / ("val" if stage == "search" else "test")
     lock = threading.Lock()
 
     def find(table: list[dict], method: str, n: int, label: str, options: str) -> dict:
+        """The row of these runs; fine-tuning rows also by their base (rows from before there were
+        two bases started from `fast`)."""
+        base_name = args.base if method == "finetune" else None
         for row in table:
-            if (row["method"], row["n"], row["options"]) == (method, n, options):
+            if (row["method"], row["n"], row["options"], row.get("base")) == (method, n, options, base_name):
                 return row
-        row = {"method": method, "n": n, "label": label, "options": options, "runs": []}
+        row = {"method": method, "n": n, "label": label, "options": options, "base": base_name, "runs": []}
         table.append(row)
         return row
 
@@ -217,7 +257,7 @@ def run_rows(args: argparse.Namespace, stage: str, rows: list[tuple[str, str, st
 
     def run(job: tuple[str, int, str, str, int]) -> None:
         method, n, label, options, seed = job
-        name = f"{method}-n{n}-{slug(label)}-seed{seed}"
+        name = f"{method}-n{n}-{slug(label)}-seed{seed}" + (f"-{args.base}" if method == "finetune" else "")
         claim = work / "claims" / stage / name  # another process may run the same rows: each run once
         claim.parent.mkdir(parents=True, exist_ok=True)
         with lock:
@@ -266,12 +306,13 @@ def print_tables(results: dict) -> None:
         if not results[stage]:
             continue
         print(f"\n{stage} ({what} accuracy, final epoch, mean ± stdev over seeds)\n")
-        print("| method | n/class | row | options | seeds | TTA | plain | seconds (median) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in sorted(results[stage], key=lambda r: (r["method"], r["n"])):
+        print("| method | base | n/class | row | options | seeds | TTA | plain | seconds (median) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(results[stage], key=lambda r: (r["method"], r.get("base") or "", r["n"])):
             (acc, sd), (plain, plain_sd) = r["acc"], r["acc_plain"]
+            base = r.get("base") or ""
             print(
-                f"| {r['method']} | {r['n']} | {r['label']} | `{r['options']}` | {len(r['seeds'])} | "
+                f"| {r['method']} | {base} | {r['n']} | {r['label']} | `{r['options']}` | {len(r['seeds'])} | "
                 f"{acc:.2%} ± {sd:.2%} | {plain:.2%} ± {plain_sd:.2%} | {r['seconds']:.0f} |"
             )
 
@@ -298,8 +339,10 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, label in (("finetune", "finetune preset (from a 5-class base model)"), ("scratch", "from scratch")):
-        rows = sorted((r for r in results["final"] if r["method"] == method), key=lambda r: r["n"])
+    lines = [("finetune", name, f"finetune preset, from the `{name}` base model") for name in BASES]
+    for method, base, label in [*lines, ("scratch", None, "from scratch")]:
+        rows = [r for r in results["final"] if r["method"] == method and r.get("base") == base]
+        rows.sort(key=lambda r: r["n"])
         if rows:
             ax.errorbar(
                 [r["n"] for r in rows],
@@ -327,6 +370,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/finetune-work"), help="folders, cache and runs")
     parser.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="trainings at once")
     parser.add_argument("--threads", type=int, help="threads per training (default: 2 / jobs)")
+    parser.add_argument("--base", choices=sorted(BASES), default="long", help="the base model fine-tuning starts from")
     steps = parser.add_subparsers(dest="step", required=True)
     steps.add_parser("prepare", help="write the PNG folders")
     steps.add_parser("base", help="train the base model on the 5 base classes")
@@ -351,17 +395,12 @@ def main() -> None:
         write_json(RESULTS, results)
     elif args.step == "base":
         prepare(args.data_dir, args.work)
-        options = ["--preset", "fast", "--seed", "0", "--dataset", "folder", "--data-dir", str(args.work / "base")]
-        run = train(
-            [*options, "--cache-dir", str(args.work / "cache")], base_checkpoint(args.work).parent, args.threads
-        )
-        run["classes"] = json.loads((base_checkpoint(args.work).parent / "config.json").read_text())["resolved"][
-            "classes"
-        ]
+        run = train_base(args.work, args.base, args.threads)
         results = load_results()  # a search may have written meanwhile
-        results["base"] = run
+        results.setdefault("bases", {})[args.base] = run
         write_json(RESULTS, results)
-        print(f"base: test {run['summary']['test_acc']:.4f} (plain {run['summary']['test_acc_plain']:.4f})")
+        s = run["summary"]
+        print(f"base {args.base}: test {s['test_acc']:.4f} (plain {s['test_acc_plain']:.4f}), {s['seconds']:.0f} s")
     elif args.step == "search":
         base = SEARCH_BASE[args.method]
         rows = [
