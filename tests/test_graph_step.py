@@ -105,6 +105,36 @@ def test_graph_ready_step_computes_what_the_eager_step_does_in_float64(recipe):
     assert all(isinstance(g["lr"], torch.Tensor) for g in ready[1].param_groups)
 
 
+@pytest.mark.parametrize("recipe", ["sgd", "muon", "adam"])
+@pytest.mark.parametrize("steps_before", [0, 1])
+def test_warm_up_steps_before_recording_are_undone(recipe, steps_before):
+    """What GraphStep does before it records (on a GPU), run here on the CPU: three warm-up steps,
+    then weights, BatchNorm statistics and optimizer state put back. The run then goes on exactly
+    as a twin that never warmed up, whether its optimizer had state already (put back) or not
+    (created by the warm-up and zeroed, which is what a first step starts from)."""
+    cfg = RECIPES[recipe]
+    torch.manual_seed(0)
+    model = MiniResNet((4, 8, 8), 1).double()
+    twin = copy.deepcopy(model)
+    steps = [GraphStep(m, build_optimizer(m, cfg), precision=FP64, batch_size=20, capture=False) for m in (model, twin)]
+    batches = list(loader_for(torch.device("cpu")).batches())
+    for step in steps:
+        step.set_lr(0.05)
+        for x, y in batches[:steps_before]:
+            step(x, y)
+    saved = steps[0]._snapshot()
+    for _ in range(3):
+        steps[0](*batches[2])
+    steps[0]._restore(saved)
+    for step in steps:
+        for x, y in batches[steps_before : steps_before + 2]:
+            step(x, y)
+    assert_same_weights(model, twin, rtol=1e-12, atol=1e-14)
+    for state_a, state_b in zip(steps[0].optimizer.state.values(), steps[1].optimizer.state.values(), strict=True):
+        for key, value in state_a.items():
+            torch.testing.assert_close(value, state_b[key], rtol=1e-12, atol=1e-14)
+
+
 def test_the_lr_tensor_follows_the_schedule_and_fine_tuning_scales_the_body():
     model = MiniResNet((4, 8, 8), 1)
     optimizer = build_optimizer(model, RECIPES["finetune"])

@@ -572,6 +572,7 @@ def graph_step_for(
         say(f"the training step is not recorded as a CUDA graph with {reasons}: each kernel is launched from Python")
         return None
     full = cfg.batch_size
+    torch.backends.cudnn.benchmark = True  # one batch shape per image size: cuDNN times its kernels once
     say(
         f"the training step is recorded as a CUDA graph for batches of {full} (an epoch's last, smaller batch "
         "runs eagerly)"
