@@ -339,7 +339,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    lines = [("finetune", name, f"finetune preset, from the `{name}` base model") for name in BASES]
+    lines = [("finetune", name, f"finetune preset, from the {name} base model") for name in BASES]
     for method, base, label in [*lines, ("scratch", None, "from scratch")]:
         rows = [r for r in results["final"] if r["method"] == method and r.get("base") == base]
         rows.sort(key=lambda r: r["n"])
