@@ -113,7 +113,7 @@ def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     a run that replays its step as a graph holds the lr in a device tensor (step.GraphStep), and its
     checkpoint resumes anywhere, eagerly or as a graph."""
     state = optimizer.state_dict()
-    for group in state["param_groups"]:
+    for group in state.get("param_groups", []):  # Lookahead nests its optimizer's, and is never recorded
         group["lr"] = float(group["lr"])
         if group.get("capturable"):
             group["capturable"] = False
