@@ -8,8 +8,10 @@ import http.server
 import json
 import os
 import pickle
+import signal
 import threading
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,35 @@ def serve_directory(directory: Path) -> Iterator[str]:
         server.server_close()
 
 
+def interrupt_training_at(monkeypatch, step: int) -> Callable[[], None]:
+    """Make the next training send itself SIGINT (as Ctrl-C would) while its optimizer step `step`
+    (counted from 0 over the run) is taken; returns the function that puts the real schedule back."""
+    import miniresnet.train as train_module
+
+    real = train_module.learning_rate
+
+    def learning_rate_that_interrupts(cfg, at, steps_per_epoch):
+        if at == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(cfg, at, steps_per_epoch)
+
+    monkeypatch.setattr(train_module, "learning_rate", learning_rate_that_interrupts)
+    return lambda: monkeypatch.setattr(train_module, "learning_rate", real)
+
+
+def gpu_waits(steps: Iterator) -> tuple[int, list[str]]:
+    """Take the remaining training steps under CUDA's sync debug mode, which warns at every operation
+    that makes the host wait for the GPU: how many steps were taken, and the waits' warnings."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            taken = sum(1 for _ in steps)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return taken, [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def cache_in_a_temporary_directory(tmp_path_factory) -> None:
     """Prepared image folders are cached under XDG_CACHE_HOME: the tests' own, never the user's."""
@@ -125,6 +156,8 @@ def real_data() -> Path:
 
 __all__ = [
     "PY_DIR",
+    "gpu_waits",
+    "interrupt_training_at",
     "make_dataset",
     "serve_directory",
     "tiny_config",

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import interrupt_training_at, tiny_config
 from miniresnet import load_model
 from miniresnet.checkpoint import load_checkpoint
 from miniresnet.cli import main
@@ -106,25 +106,13 @@ def test_the_readme_command_and_everything_downstream(my_data, tmp_path, capsys)
 
 
 def test_a_resumed_fine_tuning_does_not_read_the_initial_model_again(my_data, tmp_path, monkeypatch):
-    import os
-    import signal
-
-    import miniresnet.train as train_module
-
     initial = tmp_path / "initial.safetensors"
     shutil.copy(shipped_weights("seed"), initial)
     whole = fine_tune(my_data, tmp_path / "whole", init=str(initial), epochs=3)
-    real = train_module.learning_rate
-
-    def interrupting(cfg, step, steps_per_epoch):
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(cfg, step, steps_per_epoch)
-
-    monkeypatch.setattr(train_module, "learning_rate", interrupting)
+    restore_schedule = interrupt_training_at(monkeypatch, 4)
     with pytest.raises(MiniResNetError, match="--resume"):
         fine_tune(my_data, tmp_path / "broken", init=str(initial), epochs=3)
-    monkeypatch.setattr(train_module, "learning_rate", real)
+    restore_schedule()
     initial.unlink()  # gone: a resume that read it again would fail
     resumed = fine_tune(my_data, tmp_path / "broken", resume=True, init=str(initial), epochs=3)
     assert resumed["test_acc"] == whole["test_acc"] and resumed["init"] == whole["init"]

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import synthetic_images, tiny_config
+from conftest import gpu_waits, interrupt_training_at, synthetic_images, tiny_config
 from miniresnet.checkpoint import portable_optimizer_state
 from miniresnet.config import TrainConfig
 from miniresnet.ema import EMA
@@ -180,7 +180,6 @@ def test_recorded_graph_matches_the_eager_step_on_the_gpu(recipe, precision):
 
 @needs_cuda
 def test_recorded_graph_makes_the_host_wait_only_when_the_tally_is_read():
-    import warnings
 
     from miniresnet.train import READ_EVERY
 
@@ -192,15 +191,8 @@ def test_recorded_graph_makes_the_host_wait_only_when_the_tally_is_read():
     step = GraphStep(model, optimizer, precision=resolve_precision("bf16", cuda), batch_size=4, capture=True)
     steps = train_steps(model, optimizer, loader, lambda s: 0.01, 0, precision=step.precision, graph_step=step)
     next(steps)  # records the graph
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            taken = 1 + sum(1 for _ in steps)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    assert taken == len(loader)
+    taken, waits = gpu_waits(steps)
+    assert 1 + taken == len(loader)
     assert len(waits) <= 3 * (len(loader) // READ_EVERY), waits
 
 
@@ -208,26 +200,15 @@ def test_recorded_graph_makes_the_host_wait_only_when_the_tally_is_read():
 def test_graph_run_interrupted_and_resumed_ends_where_an_unbroken_one_does(tiny_data, tmp_path, monkeypatch):
     """Stopped mid-epoch 2 (step 13 of 8 a epoch) and resumed, which records a new graph: the run
     ends with the unbroken run's weights, to within the GPU's run-to-run rounding."""
-    import os
-    import signal
-
-    import miniresnet.train as train_module
     from miniresnet.checkpoint import load_checkpoint
     from miniresnet.rundir import TrainingInterrupted
 
     recipe = dict(device="cuda", epochs=3, batch_size=20, optimizer="muon", lr=0.05, schedule="linear", ema=0.9)
     train(tiny_config(tiny_data, tmp_path / "whole", **recipe))
-    real_learning_rate = train_module.learning_rate
-
-    def learning_rate_that_interrupts(cfg, step, steps_per_epoch):
-        if step == 12:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_learning_rate(cfg, step, steps_per_epoch)
-
-    monkeypatch.setattr(train_module, "learning_rate", learning_rate_that_interrupts)
+    restore_schedule = interrupt_training_at(monkeypatch, 12)
     with pytest.raises(TrainingInterrupted):
         train(tiny_config(tiny_data, tmp_path / "broken", **recipe))
-    monkeypatch.setattr(train_module, "learning_rate", real_learning_rate)
+    restore_schedule()
     train(tiny_config(tiny_data, tmp_path / "broken", **recipe), resume=True)
     a = load_checkpoint(tmp_path / "whole" / "last.pt")["weights"]
     b = load_checkpoint(tmp_path / "broken" / "last.pt")["weights"]

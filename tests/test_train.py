@@ -1,11 +1,10 @@
 import json
-import os
 import sys
 
 import pytest
 import torch
 
-from conftest import synthetic_images, tiny_config
+from conftest import gpu_waits, interrupt_training_at, synthetic_images, tiny_config
 from miniresnet.checkpoint import load_checkpoint, load_model
 from miniresnet.config import PRESETS, SGD_RECIPE, TrainConfig
 from miniresnet.errors import MiniResNetError
@@ -144,8 +143,6 @@ def test_gpu_steps_wait_for_the_gpu_only_when_the_tally_is_read(precision):
     """The GPU's view of the test above: CUDA's sync debug mode warns at every operation that makes
     the host wait for the GPU (read-backs, copies from pageable memory). After the epoch's first
     step (which moves its random draws and the tally's sums to the GPU), only the reads wait."""
-    import warnings
-
     from miniresnet.loader import BatchLoader
     from miniresnet.model import MiniResNet
     from miniresnet.runtime import resolve_precision
@@ -162,15 +159,8 @@ def test_gpu_steps_wait_for_the_gpu_only_when_the_tally_is_read(precision):
     scaler = torch.amp.GradScaler("cuda", enabled=resolved.name == "fp16")
     steps = train_steps(model, optimizer, loader, lambda step: 0.01, 0, precision=resolved, scaler=scaler)
     next(steps)
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            taken = 1 + sum(1 for _ in steps)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    assert taken == len(loader)
+    taken, waits = gpu_waits(steps)
+    assert 1 + taken == len(loader)
     assert len(waits) <= 3 * (len(loader) // READ_EVERY), waits
 
 
@@ -233,8 +223,6 @@ def read_metrics(run_dir) -> list[dict]:
 def test_interrupted_and_resumed_run_is_bit_identical(tiny_data, tmp_path, monkeypatch, stop_at_step, lookahead):
     import signal
 
-    import miniresnet.train as train_module
-
     recipe = dict(
         epochs=3,
         batch_size=20,
@@ -252,21 +240,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_data, tmp_path, monke
     )
     whole = train(tiny_config(tiny_data, tmp_path / "whole", **recipe))
 
-    real_learning_rate = train_module.learning_rate
-
-    def learning_rate_that_interrupts(cfg, step, steps_per_epoch):
-        if step == stop_at_step - 1:  # the signal lands while this step runs
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_learning_rate(cfg, step, steps_per_epoch)
-
     broken_dir = tmp_path / "broken"
-    monkeypatch.setattr(train_module, "learning_rate", learning_rate_that_interrupts)
+    restore_schedule = interrupt_training_at(monkeypatch, stop_at_step - 1)  # lands while that step runs
     with pytest.raises(TrainingInterrupted, match="--resume") as stopped:
         train(tiny_config(tiny_data, broken_dir, **recipe))
     assert stopped.value.exit_code == 128 + signal.SIGINT
     saved = load_checkpoint(broken_dir / "last.pt")
     assert saved["epoch"] * 8 + saved["tally"]["step"] == stop_at_step
-    monkeypatch.setattr(train_module, "learning_rate", real_learning_rate)
+    restore_schedule()
 
     resumed = train(tiny_config(tiny_data, broken_dir, **recipe), resume=True)
     assert comparable(read_metrics(broken_dir)) == comparable(read_metrics(tmp_path / "whole"))
