@@ -12,12 +12,12 @@ import time
 import torch
 
 from .config import PRESETS, TrainConfig
+from .distributed import Distributed
 from .evaluate import evaluate
 from .loader import BatchLoader
 from .model import MiniResNet, count_macs
 from .runtime import describe_machine, resolve_device, resolve_precision
-from .step import GraphStep
-from .train import build_optimizer, learning_rate, train_steps
+from .train import build_optimizer, graph_step_for, learning_rate, train_steps
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
 MEAN, STD = torch.full((3,), 0.5), torch.full((3,), 0.25)  # any normalisation costs the same
@@ -58,7 +58,7 @@ class StepTimer:
     """The loop `miniresnet train` runs (`train_steps`: batched crop/flip, normalisation, forward,
     backward, the preset's optimizer and lr schedule) on a model of its own: each call trains
     `steps` batches of synthetic images, one more epoch, and returns its images/s. On a GPU the step
-    is a recorded CUDA graph, as in training, unless `cuda_graph` is off (or fp16 or --compile)."""
+    is a recorded CUDA graph where training would record one (train.graph_step_for)."""
 
     def __init__(self, cfg: TrainConfig, steps: int, device: torch.device) -> None:
         images, labels = synthetic_data(cfg.batch_size * steps)
@@ -71,18 +71,8 @@ class StepTimer:
         self.lr_at_step = functools.partial(learning_rate, cfg, steps_per_epoch=len(self.loader))
         self.label_smoothing, self.device, self.epoch = cfg.label_smoothing, device, 0
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.name == "fp16")
-        graphed = device.type == "cuda" and cfg.cuda_graph and not cfg.compile and self.precision.name != "fp16"
-        self.graph_step = (
-            GraphStep(
-                self.model,
-                self.optimizer,
-                precision=self.precision,
-                label_smoothing=cfg.label_smoothing,
-                batch_size=cfg.batch_size,
-                capture=True,
-            )
-            if graphed
-            else None
+        self.graph_step = graph_step_for(
+            cfg, self.model_to_train, self.optimizer, self.precision, Distributed(), device, say=lambda _: None
         )
 
     def __call__(self) -> float:
@@ -106,12 +96,15 @@ class StepTimer:
         self.epoch += 1
         return len(self.loader.labels) / (time.perf_counter() - start)
 
+    def rates(self, repeats: int) -> list[float]:
+        """Images/s of `repeats` calls after one warm-up (which also records a GPU's graph)."""
+        self()
+        return [self() for _ in range(repeats)]
+
 
 def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.device) -> list[float]:
     """Images/s of the training loop (see StepTimer) over `steps` batches, once per repeat after a warm-up."""
-    timer = StepTimer(cfg, steps, device)
-    timer()  # warm-up
-    return [timer() for _ in range(repeats)]
+    return StepTimer(cfg, steps, device).rates(repeats)
 
 
 def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> list[float]:
@@ -165,8 +158,7 @@ def run_bench(
     macs = count_macs(MiniResNet(cfg.widths, cfg.blocks_per_stage))
     roofline = matmul_gflops(dev, dtype)
     timer = StepTimer(cfg, steps, dev)
-    timer()  # warm-up (and, on a GPU, the graph's recording)
-    train_rate = statistics.median([timer() for _ in range(repeats)])
+    train_rate = statistics.median(timer.rates(repeats))
     eval_rate = statistics.median(time_evaluation(cfg, repeats, dev))
     train_flop = 3 * 2 * macs
     return {
