@@ -158,16 +158,9 @@ def train_base(work: Path, name: str, threads: int) -> dict:
     options = [*shlex.split(BASES[name][0]), "--seed", "0", "--dataset", "folder", "--data-dir", str(work / "base")]
     options += ["--cache-dir", str(work / "cache")]
     if (out / "summary.json").exists():
-        config = json.loads((out / "config.json").read_text())
         summary = json.loads((out / "summary.json").read_text())
-        run = {
-            "command": ["miniresnet", "train", *options, "--eval-every", "0", "--quiet", "--out", str(out)],
-            "summary": summary,
-            "recipe": {k: config[k] for k in RECIPE_KEYS},
-            "machine": config["resolved"]["machine"],
-            "train_images": config["resolved"]["train_images"],
-            "wall_seconds": summary["seconds"],
-        }
+        command = ["miniresnet", "train", *options, "--eval-every", "0", "--quiet", "--out", str(out)]
+        run = run_record(command, out, summary, summary["seconds"])
     else:
         run = train(options, out, threads)
     run["classes"] = json.loads((out / "config.json").read_text())["resolved"]["classes"]
@@ -181,11 +174,15 @@ def train(options: list[str], out: Path, threads: int) -> dict:
     print("$", shlex.join(command[1:]), flush=True)
     started = time.perf_counter()
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-    wall = time.perf_counter() - started
     summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return run_record(command[2:], out, summary, time.perf_counter() - started)
+
+
+def run_record(command: list[str], out: Path, summary: dict, wall: float) -> dict:
+    """What the results keep of a run in `out`: its command, summary, recipe and wall time."""
     config = json.loads((out / "config.json").read_text())
     return {
-        "command": command[2:],
+        "command": command,
         "summary": summary,
         "recipe": {k: config[k] for k in RECIPE_KEYS},
         "machine": config["resolved"]["machine"],
