@@ -166,8 +166,8 @@ def test_a_graph_runs_checkpoint_resumes_eagerly_as_if_unbroken():
 @pytest.mark.parametrize("recipe", ["sgd", "muon", "adam"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_recorded_graph_matches_the_eager_step_on_the_gpu(recipe, precision):
-    """Two epochs of 5 steps (4 replays and one eager partial batch each), 10 steps in all, plus
-    10 more below at batch 4: the recorded graph and the eager step agree within bf16 rounding."""
+    """Four epochs of 5 steps (4 replays and one eager partial batch each), 20 steps in all: the
+    recorded graph and the eager step agree within bf16 rounding."""
     cuda = torch.device("cuda")
     resolved = resolve_precision(precision, cuda)
     cfg = dataclasses.replace(RECIPES[recipe], epochs=4)
@@ -198,7 +198,7 @@ def test_recorded_graph_makes_the_host_wait_only_when_the_tally_is_read():
 
 @needs_cuda
 def test_graph_run_interrupted_and_resumed_ends_where_an_unbroken_one_does(tiny_data, tmp_path, monkeypatch):
-    """Stopped mid-epoch 2 (step 13 of 8 a epoch) and resumed, which records a new graph: the run
+    """Stopped mid-epoch 2 (during step 13, at 8 steps an epoch) and resumed, which records a new graph: the run
     ends with the unbroken run's weights, to within the GPU's run-to-run rounding."""
     from miniresnet.checkpoint import load_checkpoint
     from miniresnet.rundir import TrainingInterrupted
