@@ -42,8 +42,16 @@ def train_run(preset: str, seed: int, data_dir: str, name: str, extra: list[str]
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    machine = json.loads((out / "config.json").read_text())["resolved"]["machine"]
-    return {"seed": seed, "command": command[2:], "machine": machine, "summary": summary, "metrics": metrics}
+    config = json.loads((out / "config.json").read_text())
+    machine = config.pop("resolved")["machine"]
+    return {
+        "seed": seed,
+        "command": command[2:],
+        "config": config,  # what the command meant when it ran: presets change
+        "machine": machine,
+        "summary": summary,
+        "metrics": metrics,
+    }
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ Left: accuracy against full-resolution epoch equivalents (an epoch at 16x16 coun
 which depends on the machine: each line's label names the CPU (or GPU) its runs were measured on
 (as recorded with the run, or given after '=' for records that predate that). Points are the epochs that
 evaluated the test set; the last point of a run with TTA is its headline (TTA) accuracy. A run's
-configuration is read from its recorded command with today's presets.
+configuration is the one it recorded (its config.json), never its command read with today's presets.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ from itertools import accumulate
 
 import matplotlib.pyplot as plt
 
-from miniresnet.cli import build_parser, config_from_args
 from miniresnet.config import TrainConfig
 from preset_runs import ROOT
 
 
 def run_config(run: dict) -> TrainConfig:
-    """The configuration of a recorded run, from its command (`miniresnet train ...`)."""
-    return config_from_args(build_parser().parse_args(run["command"][1:]))
+    """The configuration a recorded run resolved when it ran (preset_runs.py keeps it)."""
+    if "config" not in run:
+        raise SystemExit(f"seed {run['seed']}: no recorded configuration; rerun it with preset_runs.py")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in run["config"].items() if k in fields})
 
 
 def curves(run: dict) -> tuple[list[float], list[float], list[float]]:
