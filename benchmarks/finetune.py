@@ -57,23 +57,26 @@ RESULTS = ROOT / "benchmarks" / "results" / "finetune.json"
 BASE_CLASSES, TARGET_CLASSES = range(5), range(5, 10)
 POOL, VAL = 4500, 500  # of each target class's 5,000 training images: the first 4,500, the last 500
 
-# What the search rows start from (a row's options are appended, so they override these). Both
-# spell out every value that differs from `best` (the SGD recipe), so a row means the same
-# whatever the presets become. The finetune base is the first guess at the preset.
+# The SGD recipe of the other presets with `best`'s crops and cutout, named in full so that the
+# recipes below, which start from it and spell out every value they change, mean the same
+# whatever `best` becomes.
+SGD = "--preset best --optimizer sgd --crop-padding 4 --cutout 12"
+# What the search rows start from (a row's options are appended, so they override these). The
+# finetune base is the first guess at the preset.
 SEARCH_BASE = {
-    "finetune": "--preset best --init {base} --epochs 30 --batch-size 32 --lr 0.05 --warmup 0.1 "
+    "finetune": f"{SGD} --init {{base}} --epochs 30 --batch-size 32 --lr 0.05 --warmup 0.1 "
     "--body-lr-ratio 0.1 --downscale-epochs 0 --cutout 0",
-    "scratch": "--preset best --epochs 60 --batch-size 32 --lr 0.05 --warmup 0.1 --downscale-epochs 0 --cutout 0",
+    "scratch": f"{SGD} --epochs 60 --batch-size 32 --lr 0.05 --warmup 0.1 --downscale-epochs 0 --cutout 0",
 }
 # The base models (name: recipe, run directory under WORK/runs).
 BASES = {
     "fast": ("--preset fast", "base"),
-    "long": ("--preset best --optimizer muon --muon-lr 0.05 --epochs 76 --downscale-epochs 38", "base-long"),
+    "long": (f"{SGD} --optimizer muon --muon-lr 0.05 --epochs 76 --downscale-epochs 38", "base-long"),
 }
 # The final comparison: the preset as a user runs it, and the scratch recipe the search chose.
 FINAL = {
     "finetune": "--preset finetune --init {base}",
-    "scratch": "--preset best --epochs 100 --batch-size 32 --lr 0.1 --warmup 0.1 --downscale-epochs 0 --cutout 0",
+    "scratch": f"{SGD} --epochs 100 --batch-size 32 --lr 0.1 --warmup 0.1 --downscale-epochs 0 --cutout 0",
 }
 # Recorded from each run's config.json: the values that make a recipe.
 RECIPE_KEYS = (
