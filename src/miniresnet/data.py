@@ -320,6 +320,17 @@ def load_cifar100(data_dir: str | Path, labels: str = "fine", verify: bool = Tru
     return ImageSet(*as_tensors, classes, name)
 
 
+def release_folders(dataset: str) -> tuple[str, str]:
+    """The folders an official release of `dataset` extracts to (binary and Python versions)."""
+    return (BIN_DIR, PY_DIR) if dataset == "cifar10" else (CIFAR100_PY_DIR, CIFAR100_BIN_DIR)
+
+
+def holds_release(dataset: str, data_dir: str | Path) -> bool:
+    """Whether data_dir holds an extracted release of `dataset`, or is one of its folders."""
+    data_dir, folders = Path(data_dir), release_folders(dataset)
+    return any((data_dir / f).is_dir() for f in folders) or (data_dir.name in folders and data_dir.is_dir())
+
+
 def load_dataset(
     dataset: str,
     data_dir: str | Path,
@@ -333,14 +344,12 @@ def load_dataset(
     if dataset not in DATASETS:
         raise MiniResNetError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)} (or image folders)")
     data_dir = Path(data_dir)
-    folders = (BIN_DIR, PY_DIR) if dataset == "cifar10" else (CIFAR100_PY_DIR, CIFAR100_BIN_DIR)
-    present = any((data_dir / f).is_dir() for f in folders) or (data_dir.name in folders and data_dir.is_dir())
-    if download and not present:
+    if download and not holds_release(dataset, data_dir):
         try:
             download_release(RELEASES[dataset], data_dir, progress=progress)
         except MiniResNetError as e:
             if data_dir.is_dir() and any(not p.name.startswith(".") for p in data_dir.iterdir()):
-                expected = " or ".join(f"{f}/" for f in folders)
+                expected = " or ".join(f"{f}/" for f in release_folders(dataset))
                 raise MiniResNetError(
                     f"{data_dir} holds neither {RELEASES[dataset].name} ({expected}) nor image folders "
                     f"(train/<class>/<images>); downloading it there failed too: {e}"

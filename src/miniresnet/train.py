@@ -181,12 +181,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 def with_detected_dataset(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with dataset "folder" when it asks for CIFAR-10 but its --data-dir is laid out as image
     folders (train/<class>/...) and holds no CIFAR-10: what the user meant, said in the log."""
-    from .data import BIN_DIR, PY_DIR
+    from .data import holds_release
     from .folders import holds_image_folders
 
     data_dir = Path(cfg.data_dir)
-    has_cifar = any((data_dir / name).is_dir() for name in (BIN_DIR, PY_DIR)) or data_dir.name in (BIN_DIR, PY_DIR)
-    if cfg.dataset != "cifar10" or has_cifar or not holds_image_folders(data_dir):
+    if cfg.dataset != "cifar10" or holds_release("cifar10", data_dir) or not holds_image_folders(data_dir):
         return cfg
     if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 speaks for all
         log(f"{data_dir} holds image folders (train/<class>/...) and no CIFAR-10: training on them (--dataset folder)")
