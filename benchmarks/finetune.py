@@ -18,9 +18,10 @@ seeds differ in data as well as in initialisation.
 
 `base` trains an initial model once on BASE, seed 0: a Mini-ResNet that has never seen a target
 class. There are two (`--base`): `fast`, the `fast` preset (8 epoch equivalents), and `long`, the
-`best` preset's recipe with Muon for 76 epochs, 38 of them at 24x24 (59 equivalents), closer to
-the shipped `best` model that users fine-tune from. A base run stopped midway is continued with
-`miniresnet train --resume` in its directory; `base` then records it without training again.
+SGD recipe with `best`'s augmentation (crops of 4, cutout 12) and Muon for the filters, for 76
+epochs, 38 of them at 24x24 (59 equivalents), closer to the shipped `best` model that users
+fine-tune from. A base run stopped midway is continued with `miniresnet train --resume` in its
+directory; `base` then records it without training again.
 `search` runs rows on the validation folder (each row: the search base of its method, then its own
 options; 3 seeds), `final` runs the chosen `finetune` preset (from the --base model) and the chosen
 scratch recipe on the test folder. Accuracy is always the final epoch's

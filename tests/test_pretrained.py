@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import torch
 import miniresnet.pretrained as pretrained
 from conftest import export_like
 from miniresnet import MiniResNet, load_model
-from miniresnet.cli import main
+from miniresnet.cli import build_parser, config_from_args, main
 from miniresnet.errors import MiniResNetError
 from miniresnet.safetensors_file import load_safetensors, save_safetensors
 
@@ -146,6 +147,15 @@ def test_the_shipped_models_and_the_model_card_agree():
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     assert (ROOT / "MODEL_CARD.md").read_text() == model_card_markdown(SHIPPED)
+
+
+def test_each_card_command_still_trains_what_made_its_model():
+    """Presets change; a card's command must still mean its run (epochs, TTA) with today's presets."""
+    for name, card in SHIPPED.items():
+        args = build_parser().parse_args(shlex.split(card["command"])[1:])
+        cfg = config_from_args(args)
+        assert (cfg.epochs, cfg.tta) == (card["epochs"], card["preset_tta"]), name
+        assert cfg.seed == card["seed"] and "runs/" in cfg.out_dir and cfg.data_dir == "DIR", name
 
 
 HUB_SCRIPT = textwrap.dedent(
