@@ -29,8 +29,7 @@ def run_config(run: dict) -> TrainConfig:
     """The configuration a recorded run resolved when it ran (preset_runs.py keeps it)."""
     if "config" not in run:
         raise SystemExit(f"seed {run['seed']}: no recorded configuration; rerun it with preset_runs.py")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in run["config"].items() if k in fields})
+    return TrainConfig.from_dict(run["config"])
 
 
 def curves(run: dict) -> tuple[list[float], list[float], list[float]]:

@@ -180,7 +180,6 @@ def test_recorded_graph_matches_the_eager_step_on_the_gpu(recipe, precision):
 
 @needs_cuda
 def test_recorded_graph_makes_the_host_wait_only_when_the_tally_is_read():
-
     from miniresnet.train import READ_EVERY
 
     cuda = torch.device("cuda")

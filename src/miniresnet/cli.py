@@ -91,9 +91,7 @@ def load_run_config(run_dir: str) -> TrainConfig:
 
     path = Path(run_dir) / "config.json"
     try:
-        saved = json.loads(path.read_text())
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+        return TrainConfig.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
         raise MiniResNetError(f"there is no run to resume in {run_dir}: {path} does not exist") from None
     except (json.JSONDecodeError, TypeError, AttributeError) as e:

@@ -246,6 +246,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainConfig:
+        """The configuration a run's config.json records; keys of no field (such as "resolved") are left out."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in fields})
+
     def epoch_equivalents(self) -> float:
         """The training compute in full-resolution epochs, a figure that holds on any machine: an
         epoch at a downscaled size s counts (s / image size)^2 of one."""
