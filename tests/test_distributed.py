@@ -12,6 +12,7 @@ it stays far below the tolerances (measured: 4e-16 relative after 10 steps).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -208,3 +209,15 @@ def test_torchrun_with_eval_sets_smaller_than_the_processes(tmp_path):
     assert json.loads((tmp_path / "run" / "test_eval.json").read_text())["n"] == 1
     (record,) = metrics(tmp_path / "run")
     assert record["test_acc"] in (0.0, 1.0) and record["val_acc"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize(("args", "code"), [(["models"], 0), (["predict", "best", "no-such-image.png"], 1)])
+def test_a_torchrun_process_exits_with_its_status_and_its_output(args, code):
+    """A process torchrun started leaves without Python's teardown (gloo's threads could abort it
+    there, after its work is done): its exit status and everything it printed still come out."""
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # what a lost flush would lose
+    command = [sys.executable, "-m", "miniresnet", *args]
+    run = subprocess.run(command, capture_output=True, text=True, env={**buffered, "WORLD_SIZE": "2"})
+    alone = subprocess.run(command, capture_output=True, text=True, env=buffered)
+    assert run.returncode == alone.returncode == code
+    assert (run.stdout, run.stderr) == (alone.stdout, alone.stderr) and (run.stdout or run.stderr)

@@ -572,5 +572,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> typing.NoReturn:
+    """The `miniresnet` program (and `python -m miniresnet`): main(), then its exit status. A
+    process torchrun started leaves without Python's teardown (see distributed.exit_worker)."""
+    code = main()
+    from .distributed import exit_worker, launched_by_torchrun
+
+    if launched_by_torchrun():
+        exit_worker(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

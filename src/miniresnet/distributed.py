@@ -17,7 +17,9 @@ A single process (no torchrun) gets `Distributed()` whose collectives return the
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -99,6 +101,21 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a torchrun process without the interpreter's teardown, as multiprocessing ends its
+    workers. gloo's worker threads drop their last collectives a moment after those complete; a
+    drop that releases a tensor Python created needs the GIL, and once Python is finalizing, that
+    aborts the whole process (SIGABRT, "terminate called without an active exception") after a
+    run that finished well. Its files are written and closed by then; only the streams need a flush."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class SyncedBatchNorm2d(nn.BatchNorm2d):
