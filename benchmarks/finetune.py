@@ -5,7 +5,7 @@ a few thousand images per class: the protocol behind the `finetune` preset.
     python benchmarks/finetune.py --data-dir ../shared/cifar10 base
     python benchmarks/finetune.py --data-dir ../shared/cifar10 search --method finetune --n 100 \\
         --row "lr 0.1=--lr 0.1" --row "body x1=--body-lr-ratio 1"
-    python benchmarks/finetune.py --data-dir ../shared/cifar10 final --n 20 100 500 1000
+    python benchmarks/finetune.py --data-dir ../shared/cifar10 final --n 20 100 500
     python benchmarks/finetune.py --data-dir ../shared/cifar10 report
 
 CIFAR-10 is split in two halves written as PNG folders under --work (default /tmp/finetune-work):
@@ -23,11 +23,13 @@ epochs, 38 of them at 24x24 (59 equivalents), closer to the shipped `best` model
 fine-tune from. A base run stopped midway is continued with `miniresnet train --resume` in its
 directory; `base` then records it without training again.
 `search` runs rows on the validation folder (each row: the search base of its method, then its own
-options; 3 seeds), `final` runs the chosen `finetune` preset (from the --base model) and the chosen
-scratch recipe on the test folder. Accuracy is always the final epoch's
-(with the recipe's flip-translate TTA, and plain). Every run goes into
+options; 3 seeds), `final` runs the `finetune` preset (from the --base model) and the scratch
+recipe chosen for each size (SCRATCH_EPOCHS) on the test folder. Accuracy is always the final
+epoch's (with the recipe's flip-translate TTA, and plain). Every run goes into
 benchmarks/results/finetune.json as it finishes; runs already there are not rerun, and processes
-started side by side on the same rows share them (each claims a run before it starts it). --jobs 2
+started side by side on the same rows share them (each claims a run before it starts it). A row
+is its options and the recipe they resolve to, so runs of a preset as it once was stay in the
+results (`report` prints them) but are neither taken for the preset as it is nor plotted. --jobs 2
 runs two trainings at once with one thread each. `report` prints the tables and draws
 benchmarks/results/finetune.png.
 """
@@ -74,11 +76,19 @@ BASES = {
     "fast": ("--preset fast", "base"),
     "long": (f"{SGD} --optimizer muon --muon-lr 0.05 --epochs 76 --downscale-epochs 38", "base-long"),
 }
-# The final comparison: the preset as a user runs it, and the scratch recipe the search chose.
-FINAL = {
-    "finetune": "--preset finetune --init {base}",
-    "scratch": f"{SGD} --epochs 100 --batch-size 32 --lr 0.1 --warmup 0.1 --downscale-epochs 0 --cutout 0",
-}
+# The final comparison: the preset as a user runs it, against the scratch recipe the search chose,
+# whose epochs depend on the size (with fewer images, scratch keeps gaining for more epochs).
+FINAL_METHODS = ("finetune", "scratch")
+SCRATCH_EPOCHS = {20: 600, 100: 300, 500: 200}  # any other size: 100
+
+
+def final_options(method: str, n: int) -> str:
+    if method == "finetune":
+        return "--preset finetune --init {base}"
+    epochs = SCRATCH_EPOCHS.get(n, 100)
+    return f"{SGD} --epochs {epochs} --batch-size 32 --lr 0.1 --warmup 0.1 --downscale-epochs 0 --cutout 0"
+
+
 # Recorded from each run's config.json: the values that make a recipe.
 RECIPE_KEYS = (
     "epochs",
@@ -204,6 +214,11 @@ def load_results() -> dict:
     return results
 
 
+def row_recipe(row: dict) -> dict:
+    """The recipe a row's runs trained (rows written before rows kept it: their first run's)."""
+    return row.get("recipe") or row["runs"][0]["recipe"]
+
+
 def spread(values: list[float]) -> list[float]:
     return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
@@ -226,32 +241,42 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c == "." else "-" for c in text).strip("-")
 
 
-def run_rows(args: argparse.Namespace, stage: str, rows: list[tuple[str, str, str]]) -> None:
-    """Runs every (row, n, seed) not in the results yet; rows are (method, label, options).
+def recipe_of(options: str, base: Path) -> dict:
+    """The recipe `options` resolve to with today's presets: what a run of them records."""
+    from miniresnet.cli import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["train", *shlex.split(options.format(base=base))]))
+    return {k: v for k, v in config.to_dict().items() if k in RECIPE_KEYS}
+
+
+def run_rows(args: argparse.Namespace, stage: str, rows: list[tuple[str, int, str, str]]) -> None:
+    """Runs every (row, seed) not in the results yet; rows are (method, n, label, options).
     stage "search" evaluates on the validation folder, "final" on the test folder."""
     work, base = args.work, base_checkpoint(args.work, args.base)
-    if any(method == "finetune" for method, _, _ in rows) and not base.exists():
+    if any(method == "finetune" for method, _, _, _ in rows) and not base.exists():
         raise SystemExit(f"no base model at {base}: run the `base --base {args.base}` step first")
     evaluate_on = work / "target" / ("val" if stage == "search" else "test")
     lock = threading.Lock()
 
     def find(table: list[dict], method: str, n: int, label: str, options: str) -> dict:
         """The row of these runs; fine-tuning rows also by their base (rows from before there were
-        two bases started from `fast`)."""
+        two bases started from `fast`), and every row by the recipe its options resolve to, so that
+        runs of a preset as it was are not taken for runs of the preset as it is."""
         base_name = args.base if method == "finetune" else None
+        recipe = recipe_of(options, base)
         for row in table:
             if (row["method"], row["n"], row["options"], row.get("base")) == (method, n, options, base_name):
-                return row
-        row = {"method": method, "n": n, "label": label, "options": options, "base": base_name, "runs": []}
-        table.append(row)
-        return row
+                if row_recipe(row) == recipe:
+                    return row
+        row = {"method": method, "n": n, "label": label, "options": options, "base": base_name, "recipe": recipe}
+        table.append(row | {"runs": []})
+        return table[-1]
 
     table = load_results()[stage]
     todo = []
-    for method, label, options in rows:
-        for n in args.n:
-            done = {r["seed"] for r in find(table, method, n, label, options)["runs"]}
-            todo += [(method, n, label, options, seed) for seed in args.seeds if seed not in done]
+    for method, n, label, options in rows:
+        done = {r["seed"] for r in find(table, method, n, label, options)["runs"]}
+        todo += [(method, n, label, options, seed) for seed in args.seeds if seed not in done]
     for n in args.n:
         for seed in args.seeds:
             subset(work, n, seed)
@@ -300,6 +325,14 @@ def save(results: dict) -> None:
     for stage in ("search", "final"):
         results[stage] = [summarize_row(row) for row in results[stage] if row["runs"]]
     write_json(RESULTS, results)
+
+
+def is_current(row: dict, work: Path) -> bool:
+    """Whether a final row ran the comparison as it stands: the preset as it is now and the scratch
+    recipe now chosen for its size (earlier finals stay in the results, and out of the plot)."""
+    options = final_options(row["method"], row["n"])
+    base = base_checkpoint(work, row["base"]) if row["method"] == "finetune" else None
+    return row["options"] == options and row_recipe(row) == recipe_of(options, base)
 
 
 def print_tables(results: dict) -> None:
@@ -383,7 +416,7 @@ def main() -> None:
     search.add_argument("--method", choices=sorted(SEARCH_BASE), required=True)
     search.add_argument("--row", action="append", default=[], metavar="LABEL=OPTIONS", help="a row (repeatable)")
     final = steps._name_parser_map["final"]
-    final.add_argument("--method", choices=sorted(FINAL), nargs="+", default=sorted(FINAL))
+    final.add_argument("--method", choices=FINAL_METHODS, nargs="+", default=list(FINAL_METHODS))
     steps.add_parser("report", help="print the tables and draw the plot")
     args = parser.parse_args()
 
@@ -404,22 +437,26 @@ def main() -> None:
         print(f"base {args.base}: test {s['test_acc']:.4f} (plain {s['test_acc_plain']:.4f}), {s['seconds']:.0f} s")
     elif args.step == "search":
         base = SEARCH_BASE[args.method]
-        rows = [
-            (args.method, label, f"{base} {options}".strip())
-            for label, _, options in (r.partition("=") for r in args.row)
-        ]
-        run_rows(args, "search", rows or [(args.method, "search base", base)])
+        rows = [(label, f"{base} {options}".strip()) for label, _, options in (r.partition("=") for r in args.row)]
+        rows = rows or [("search base", base)]
+        run_rows(args, "search", [(args.method, n, label, options) for label, options in rows for n in args.n])
     elif args.step == "final":
-        run_rows(args, "final", [(method, "chosen", FINAL[method]) for method in args.method])
+        run_rows(args, "final", [(m, n, "chosen", final_options(m, n)) for m in args.method for n in args.n])
     else:
         from miniresnet.config import PRESETS
 
         results["cpu_kind"] = cpu_kind()
         preset = PRESETS["finetune"].to_dict()
-        results["chosen"] = {**FINAL, "finetune_preset": {k: preset[k] for k in RECIPE_KEYS}}
+        sizes = sorted({row["n"] for row in results["final"]} | set(SCRATCH_EPOCHS))
+        results["chosen"] = {
+            "finetune": final_options("finetune", 0),
+            "finetune_preset": {k: preset[k] for k in RECIPE_KEYS},
+            "scratch": {str(n): final_options("scratch", n) for n in sizes},
+        }
         write_json(RESULTS, results)
         print_tables(results)
-        plot(results, RESULTS.with_suffix(".png"))
+        current = {**results, "final": [row for row in results["final"] if is_current(row, args.work)]}
+        plot(current, RESULTS.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -141,3 +141,26 @@ def test_the_finetune_preset_starts_from_best_and_validates():
     preset = PRESETS["finetune"]
     assert preset.init == "best" and (preset.widths, preset.blocks_per_stage) == ((16, 32, 64), 2)
     preset.validate()
+
+
+def test_the_benchmark_tells_the_preset_as_it_is_from_runs_of_an_earlier_one(tmp_path):
+    """benchmarks/finetune.py keys a row by its options and the recipe they resolve to: runs of
+    `--preset finetune` recorded before the preset changed are not the preset's runs now."""
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "benchmarks" / "finetune.py"
+    spec = importlib.util.spec_from_file_location("finetune_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    options = bench.final_options("finetune", 100)
+    now = bench.recipe_of(options, bench.base_checkpoint(tmp_path, "long"))
+    assert now["epochs"] == PRESETS["finetune"].epochs and now["lr"] == PRESETS["finetune"].lr
+    row = {"method": "finetune", "n": 100, "options": options, "base": "long", "runs": [{"recipe": now}]}
+    assert bench.is_current(row, tmp_path)
+    earlier = {**row, "runs": [{"recipe": {**now, "epochs": now["epochs"] + 1}}]}
+    assert not bench.is_current(earlier, tmp_path)
+    options = bench.final_options("scratch", 100)
+    recipe = bench.recipe_of(options, None)
+    scratch = {"method": "scratch", "n": 100, "base": None, "options": options, "recipe": recipe}
+    assert bench.is_current(scratch, tmp_path)
+    assert not bench.is_current({**scratch, "n": 20}, tmp_path)  # the scratch recipe chosen for another size
