@@ -79,13 +79,16 @@ BASES = {
 # The final comparison: the preset as a user runs it, against the scratch recipe the search chose,
 # whose epochs depend on the size (with fewer images, scratch keeps gaining for more epochs).
 FINAL_METHODS = ("finetune", "scratch")
-SCRATCH_EPOCHS = {20: 600, 100: 300, 500: 200}  # any other size: 100
+SCRATCH_EPOCHS = {20: 2400, 100: 300, 500: 200}
 
 
-def final_options(method: str, n: int) -> str:
+def final_options(method: str, n: int) -> str | None:
+    """A final's options; None for scratch at a size whose epochs no search has chosen."""
     if method == "finetune":
         return "--preset finetune --init {base}"
-    epochs = SCRATCH_EPOCHS.get(n, 100)
+    if n not in SCRATCH_EPOCHS:
+        return None
+    epochs = SCRATCH_EPOCHS[n]
     return f"{SGD} --epochs {epochs} --batch-size 32 --lr 0.1 --warmup 0.1 --downscale-epochs 0 --cutout 0"
 
 
@@ -318,7 +321,7 @@ def run_rows(args: argparse.Namespace, stage: str, rows: list[tuple[str, int, st
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run, todo))
-    print_tables(load_results())
+    print_tables(load_results(), work)
 
 
 def save(results: dict) -> None:
@@ -332,10 +335,11 @@ def is_current(row: dict, work: Path) -> bool:
     recipe now chosen for its size (earlier finals stay in the results, and out of the plot)."""
     options = final_options(row["method"], row["n"])
     base = base_checkpoint(work, row["base"]) if row["method"] == "finetune" else None
-    return row["options"] == options and row_recipe(row) == recipe_of(options, base)
+    return options is not None and row["options"] == options and row_recipe(row) == recipe_of(options, base)
 
 
-def print_tables(results: dict) -> None:
+def print_tables(results: dict, work: Path) -> None:
+    """Every row; a final row of an earlier preset or scratch recipe is labelled "(earlier)"."""
     for stage, what in (("search", "validation"), ("final", "test")):
         if not results[stage]:
             continue
@@ -345,8 +349,9 @@ def print_tables(results: dict) -> None:
         for r in sorted(results[stage], key=lambda r: (r["method"], r.get("base") or "", r["n"])):
             (acc, sd), (plain, plain_sd) = r["acc"], r["acc_plain"]
             base = r.get("base") or ""
+            label = r["label"] if stage == "search" or is_current(r, work) else f"{r['label']} (earlier)"
             print(
-                f"| {r['method']} | {base} | {r['n']} | {r['label']} | `{r['options']}` | {len(r['seeds'])} | "
+                f"| {r['method']} | {base} | {r['n']} | {label} | `{r['options']}` | {len(r['seeds'])} | "
                 f"{acc:.2%} ± {sd:.2%} | {plain:.2%} ± {plain_sd:.2%} | {r['seconds']:.0f} |"
             )
 
@@ -374,7 +379,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     lines = [("finetune", name, f"finetune preset, from the {name} base model") for name in BASES]
-    for method, base, label in [*lines, ("scratch", None, "from scratch")]:
+    for method, base, label in [*lines, ("scratch", None, "from scratch, with the epochs chosen for each size")]:
         rows = [r for r in results["final"] if r["method"] == method and r.get("base") == base]
         rows.sort(key=lambda r: r["n"])
         if rows:
@@ -389,6 +394,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xscale("log")
     sizes = sorted({r["n"] for r in results["final"]})
     ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xticks([], minor=True)  # a log axis spanning under two decades labels its minor ticks too
     ax.set_xlabel("training images per class (5 CIFAR-10 classes the base model never saw)")
     ax.set_ylabel("test accuracy, % (final epoch, TTA)")
     ax.set_title(f"Fine-tuning against training from scratch, 3 seeds, {results['cpu_kind']}", fontsize=9)
@@ -441,20 +447,22 @@ def main() -> None:
         rows = rows or [("search base", base)]
         run_rows(args, "search", [(args.method, n, label, options) for label, options in rows for n in args.n])
     elif args.step == "final":
+        unsearched = [n for n in args.n if "scratch" in args.method and final_options("scratch", n) is None]
+        if unsearched:
+            raise SystemExit(f"no scratch recipe chosen for {unsearched} images per class: search its epochs first")
         run_rows(args, "final", [(m, n, "chosen", final_options(m, n)) for m in args.method for n in args.n])
     else:
         from miniresnet.config import PRESETS
 
         results["cpu_kind"] = cpu_kind()
         preset = PRESETS["finetune"].to_dict()
-        sizes = sorted({row["n"] for row in results["final"]} | set(SCRATCH_EPOCHS))
         results["chosen"] = {
             "finetune": final_options("finetune", 0),
             "finetune_preset": {k: preset[k] for k in RECIPE_KEYS},
-            "scratch": {str(n): final_options("scratch", n) for n in sizes},
+            "scratch": {str(n): final_options("scratch", n) for n in SCRATCH_EPOCHS},
         }
         write_json(RESULTS, results)
-        print_tables(results)
+        print_tables(results, args.work)
         current = {**results, "final": [row for row in results["final"] if is_current(row, args.work)]}
         plot(current, RESULTS.with_suffix(".png"))
 

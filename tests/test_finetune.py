@@ -164,3 +164,6 @@ def test_the_benchmark_tells_the_preset_as_it_is_from_runs_of_an_earlier_one(tmp
     scratch = {"method": "scratch", "n": 100, "base": None, "options": options, "recipe": recipe}
     assert bench.is_current(scratch, tmp_path)
     assert not bench.is_current({**scratch, "n": 20}, tmp_path)  # the scratch recipe chosen for another size
+    unsearched = max(bench.SCRATCH_EPOCHS) + 1
+    assert bench.final_options("scratch", unsearched) is None
+    assert not bench.is_current({**scratch, "n": unsearched}, tmp_path)
