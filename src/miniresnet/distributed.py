@@ -83,11 +83,16 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started (it sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) != 1
+
+
 def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
-    """Join the process group torchrun set up (WORLD_SIZE > 1), or stay a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    """Join the process group torchrun set up, or stay a single process."""
+    if not launched_by_torchrun():
         return Distributed(), device
+    world_size = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -101,10 +106,6 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def exit_worker(code: int) -> NoReturn:
