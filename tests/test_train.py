@@ -324,9 +324,9 @@ def test_tensorboard_scalars_match_metrics(tiny_data, tmp_path):
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import miniresnet.train as train_module
+    import miniresnet.loss as loss_module
 
-    real_cross_entropy, calls = train_module.F.cross_entropy, []
+    real_cross_entropy, calls = loss_module.F.cross_entropy, []
 
     def loss_that_blows_up(*args, **kwargs):
         loss = real_cross_entropy(*args, **kwargs)
@@ -335,7 +335,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tiny_
         calls.append(1)
         return loss * float("nan") if len(calls) == 11 else loss  # step 3 of epoch 2 (8 steps per epoch)
 
-    monkeypatch.setattr(train_module.F, "cross_entropy", loss_that_blows_up)
+    monkeypatch.setattr(loss_module.F, "cross_entropy", loss_that_blows_up)
     out = tmp_path / "run"
     with pytest.raises(MiniResNetError, match=r"nan at step 3 of epoch 2 .*last good checkpoint is .*last.pt"):
         train(tiny_config(tiny_data, out, epochs=3))

@@ -15,6 +15,7 @@ from .config import PRESETS, TrainConfig
 from .distributed import Distributed
 from .evaluate import evaluate
 from .loader import BatchLoader
+from .loss import TrainingLoss
 from .model import MiniResNet, count_macs
 from .runtime import describe_machine, resolve_device, resolve_precision
 from .train import build_optimizer, graph_step_for, learning_rate, train_steps
@@ -69,10 +70,17 @@ class StepTimer:
         self.precision = resolve_precision(cfg.precision, device)
         self.model_to_train = torch.compile(self.model) if cfg.compile else self.model  # compiled on the first call
         self.lr_at_step = functools.partial(learning_rate, cfg, steps_per_epoch=len(self.loader))
-        self.label_smoothing, self.device, self.epoch = cfg.label_smoothing, device, 0
+        self.loss_fn, self.device, self.epoch = TrainingLoss(cfg.label_smoothing), device, 0
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.name == "fp16")
         self.graph_step = graph_step_for(
-            cfg, self.model_to_train, self.optimizer, self.precision, Distributed(), device, say=lambda _: None
+            cfg,
+            self.model_to_train,
+            self.optimizer,
+            self.loss_fn,
+            self.precision,
+            Distributed(),
+            device,
+            say=lambda _: None,
         )
 
     def __call__(self) -> float:
@@ -86,7 +94,7 @@ class StepTimer:
             self.lr_at_step,
             self.epoch,
             precision=self.precision,
-            label_smoothing=self.label_smoothing,
+            loss_fn=self.loss_fn,
             scaler=self.scaler,
             graph_step=self.graph_step,
         )

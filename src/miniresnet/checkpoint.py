@@ -19,7 +19,7 @@ from .ema import EMA
 from .errors import MiniResNetError
 from .files import atomic_path
 from .model import MiniResNet
-from .pretrained import shipped_weights
+from .pretrained import sha256_of, shipped_weights
 from .safetensors_file import load_safetensors, looks_like_safetensors
 
 FORMAT = "miniresnet-checkpoint"
@@ -70,6 +70,7 @@ def training_checkpoint(
     config: dict,
     device: torch.device,
     init: dict | None = None,
+    teacher: dict | None = None,
     temperature: float = 1.0,
 ) -> dict:
     """What a checkpoint holds. To use the model: `arch`, `weights` (the EMA average when EMA is
@@ -79,7 +80,8 @@ def training_checkpoint(
     (only when EMA is on: otherwise they are `weights`), the optimizer, EMA and fp16 loss-scaler
     states, the current epoch's `tally` (its step and running sums), the metrics `history`,
     `best_val`, the `seconds` spent so far and the random number generators. A fine-tuned run's
-    `init` says which model it started from (name, sha256, classes). `temperature` calibrates the
+    `init` says which model it started from (name, sha256, classes), a distilled run's `teacher` which
+    model it learned from (name, sha256, arch, classes). `temperature` calibrates the
     probabilities (fitted on the validation split after the last epoch; 1 until then, or without one)."""
     return {
         "arch": model.arch(),
@@ -92,6 +94,7 @@ def training_checkpoint(
         "data_fingerprint": data_fingerprint,
         "config": config,
         "init": init,
+        "teacher": teacher,
         "epoch": epoch,
         "trained_weights": model.state_dict() if ema else None,
         "optimizer": portable_optimizer_state(optimizer),
@@ -373,6 +376,12 @@ def read_model(source: str | Path) -> dict:
     if path.suffix or len(path.parts) > 1:  # a path, not a name: say what is missing
         raise MiniResNetError(f"checkpoint {path} does not exist")
     return read_exported_model(shipped_weights(str(source)))
+
+
+def model_file_sha256(source: str | Path) -> str:
+    """The sha256 of the file `read_model(source)` reads: the file itself, or a shipped model's."""
+    path = Path(source)
+    return sha256_of(path if path.is_file() else shipped_weights(str(source)))
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> MiniResNet:

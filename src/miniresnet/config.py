@@ -78,6 +78,17 @@ class TrainConfig:
     freeze_norm: bool = _opt(
         False, "with --init: BatchNorm normalises with the initial model's running statistics and keeps them"
     )
+    # Knowledge distillation: learn from a trained model's probabilities as well as the labels.
+    teacher: str = _opt(
+        "",
+        "knowledge distillation: also match this trained model's softened probabilities on each "
+        "augmented batch (a shipped name, a checkpoint or a safetensors export of the same classes; it may be "
+        "wider or deeper)",
+    )
+    distill_weight: float = _opt(
+        0.5, "with --teacher: the weight of the distillation term; the labels' cross-entropy gets the rest"
+    )
+    distill_temperature: float = _opt(4.0, "with --teacher: the temperature both models' probabilities are softened by")
     downscale_epochs: int = _opt(
         0,
         "progressive resizing: train the first N epochs on images scaled down to "
@@ -229,6 +240,13 @@ class TrainConfig:
                 "freeze_epochs, freeze_norm and body_lr_ratio fine-tune a trained model: give --init MODEL "
                 "(such as --init best)"
             )
+        if not 0 <= self.distill_weight <= 1 or not self.distill_temperature > 0:
+            problems.append(
+                f"distill_weight must be in [0, 1] and distill_temperature above 0, got {self.distill_weight} and "
+                f"{self.distill_temperature}"
+            )
+        if not self.teacher and (self.distill_weight != 0.5 or self.distill_temperature != 4.0):
+            problems.append("distill_weight and distill_temperature weigh a teacher's probabilities: give --teacher")
         if not self.widths or min(self.widths) < 1:
             problems.append(f"widths must be positive, got {self.widths}")
         if train_size is not None:

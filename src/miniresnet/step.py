@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
+from .loss import TrainingLoss
 from .runtime import Precision
 
 # Eager steps on a side stream before recording: cuDNN picks its kernels and the optimizer creates
@@ -39,14 +39,14 @@ class GraphStep:
         optimizer: torch.optim.Optimizer,
         *,
         precision: Precision,
-        label_smoothing: float = 0.0,
+        loss_fn: TrainingLoss = TrainingLoss(),
         batch_size: int,
         capture: bool,
     ) -> None:
         if precision.name == "fp16":
             raise ValueError("fp16's loss scaler reads the gradients back every step: it cannot be recorded")
         self.model, self.optimizer, self.precision = model, optimizer, precision
-        self.label_smoothing, self.batch_size, self.capture = label_smoothing, batch_size, capture
+        self.loss_fn, self.batch_size, self.capture = loss_fn, batch_size, capture
         weight = next(model.parameters())
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), dtype=weight.dtype, device=weight.device)
@@ -80,7 +80,7 @@ class GraphStep:
         cast = torch.autocast(x.device.type, autocast, cache_enabled=False) if autocast else contextlib.nullcontext()
         with cast:
             logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            loss = self.loss_fn(logits, x, y)
         loss.backward()
         self.optimizer.step()
         return loss.detach(), logits.detach()

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -46,6 +45,7 @@ from .errors import MiniResNetError
 from .evaluate import metrics, predict_logits
 from .loader import BatchLoader
 from .lookahead import Lookahead
+from .loss import TrainingLoss, checked_teacher, load_teacher
 from .model import MiniResNet, count_macs, count_parameters, whiten_stem
 from .muon import MuonSGD
 from .rundir import (
@@ -257,6 +257,13 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         model = sync_batchnorm(model)
     model_to_train = wrap_for_training(model, cfg.compile, ddp, device)
     optimizer = build_optimizer(model, cfg)
+    loss_fn, teacher = training_loss(cfg, data, device, precision)
+    if teacher:
+        checked_teacher(teacher, saved.get("teacher") if saved else None, out)
+        say(
+            f"learning from the teacher {cfg.teacher} (sha256 {teacher['sha256'][:12]}..., MiniResNet"
+            f"{tuple(teacher['arch']['widths'])}) as well as the labels"
+        )
     # fp16 (CUDA only) needs its loss scaled, or small gradients underflow to zero; off otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
     ema = EMA(model, cfg.ema) if cfg.ema else None
@@ -269,7 +276,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         restore_training(saved, model, optimizer, ema, scaler, device)
         step = progress.tally.step
         say(f"resuming {out} after epoch {saved['epoch']}" + (f", step {step}" if step else ""))
-    graph_step = graph_step_for(cfg, model_to_train, optimizer, precision, ddp, device, say)  # after the restore
+    graph_step = graph_step_for(cfg, model_to_train, optimizer, loss_fn, precision, ddp, device, say)  # after restore
     if not saved and ddp.is_main:
         resolved = {
             "device": str(device),
@@ -289,6 +296,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             "torch": torch.__version__,
             "processes": ddp.world_size,
             "init": origin,
+            "teacher": teacher,
         }
         write_json(out / "config.json", {**cfg.to_dict(), "resolved": resolved})
     if ddp.is_main:
@@ -324,6 +332,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             config=cfg.to_dict(),
             device=device,
             init=origin,
+            teacher=teacher,
             temperature=progress.temperature,
         )
 
@@ -349,7 +358,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                 epoch,
                 tally,
                 precision=precision,
-                label_smoothing=cfg.label_smoothing,
+                loss_fn=loss_fn,
                 ema=ema,
                 scaler=scaler,
                 ddp=ddp,
@@ -421,7 +430,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     if "test_ece" in final:  # absent when a checkpoint from before calibration is resumed at its end
         say(calibration_line(final, calibrated="val" in data.eval_sets))
     seconds = progress.earlier_seconds + time.perf_counter() - started
-    summary = summarize(cfg, progress, precision, device, params, out, seconds) | ({"init": origin} if origin else {})
+    summary = summarize(cfg, progress, precision, device, params, out, seconds)
+    summary |= ({"init": origin} if origin else {}) | ({"teacher": teacher} if teacher else {})
     if ddp.is_main:
         write_json(out / "test_eval.json", test_result, indent=None)
         test_images, test_labels = data.eval_sets["test"]
@@ -550,6 +560,7 @@ def graph_step_for(
     cfg: TrainConfig,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | Lookahead,
+    loss_fn: TrainingLoss,
     precision: Precision,
     ddp: Distributed,
     device: torch.device,
@@ -576,9 +587,21 @@ def graph_step_for(
         f"the training step is recorded as a CUDA graph for batches of {full} (an epoch's last, smaller batch "
         "runs eagerly)"
     )
-    return GraphStep(
-        model, optimizer, precision=precision, label_smoothing=cfg.label_smoothing, batch_size=full, capture=True
-    )
+    return GraphStep(model, optimizer, precision=precision, loss_fn=loss_fn, batch_size=full, capture=True)
+
+
+def training_loss(
+    cfg: TrainConfig, data: TrainingData, device: torch.device, precision: Precision
+) -> tuple[TrainingLoss, dict | None]:
+    """The loss the steps minimise (label smoothing, and with --teacher knowledge distillation) and
+    what the run records about its teacher (None without one)."""
+    if not cfg.teacher:
+        return TrainingLoss(cfg.label_smoothing), None
+    size = data.train_images.shape[-1]
+    teacher, record = load_teacher(cfg.teacher, data.classes, size, data.mean, data.std)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    teacher = teacher.to(device, precision.weights, memory_format=memory_format)
+    return TrainingLoss(cfg.label_smoothing, teacher, cfg.distill_weight, cfg.distill_temperature), record
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -630,9 +653,7 @@ def load_initial_weights(model: MiniResNet, cfg: TrainConfig, classes: tuple[str
     """Put --init's weights into `model` (built for this run's data): every layer, except the last
     when the classes differ (it keeps its fresh initialisation, sized to these classes). The model
     must be of the same architecture and image size. Returns what the run records about it."""
-    from .checkpoint import model_from_checkpoint, read_model
-    from .files import hexdigest
-    from .pretrained import shipped_weights
+    from .checkpoint import model_file_sha256, model_from_checkpoint, read_model
 
     state = read_model(cfg.init)
     initial = model_from_checkpoint(state, cfg.init)  # the file's own checks: one error line for anything malformed
@@ -653,10 +674,9 @@ def load_initial_weights(model: MiniResNet, cfg: TrainConfig, classes: tuple[str
     if not same_classes:
         weights = {k: v for k, v in weights.items() if not k.startswith("fc.")}
     model.load_state_dict(weights, strict=same_classes)
-    path = Path(cfg.init) if Path(cfg.init).is_file() else shipped_weights(cfg.init)
     return {
         "model": cfg.init,
-        "sha256": hexdigest(path, "sha256"),
+        "sha256": model_file_sha256(cfg.init),
         "classes": list(state["classes"]),
         "kept_last_layer": same_classes,
     }
@@ -678,7 +698,7 @@ def train_steps(
     tally: EpochTally | None = None,
     *,
     precision: Precision,
-    label_smoothing: float = 0.0,
+    loss_fn: TrainingLoss = TrainingLoss(),
     ema: EMA | None = None,
     scaler: torch.amp.GradScaler | None = None,
     ddp: Distributed = Distributed(),
@@ -725,7 +745,7 @@ def train_steps(
                 group["lr"] = lr * body_lr_scale if group.get("body") else lr
             with autocast(x.device, precision):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+                loss = loss_fn(logits, x, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # with fp16: skipped when a gradient overflowed; else optimizer.step()

@@ -1,0 +1,162 @@
+"""Knowledge distillation: the loss against a float64 reference, the teacher's renormalisation,
+and a distilled run end to end (what it records, what it refuses)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import interrupt_training_at, tiny_config
+from miniresnet.checkpoint import FORMAT, load_checkpoint
+from miniresnet.config import TrainConfig
+from miniresnet.errors import MiniResNetError
+from miniresnet.loss import Teacher, TrainingLoss, distillation_term, load_teacher
+from miniresnet.model import MiniResNet
+from miniresnet.train import train
+
+
+def reference_distillation(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """T^2 * mean over images of sum_k p_k (log p_k - log q_k), p the teacher's and q the student's
+    softmax at temperature T, written out in float64."""
+    p = torch.softmax(teacher.double() / t, dim=1)
+    log_q = torch.log_softmax(student.double() / t, dim=1)
+    return t**2 * (p * (p.log() - log_q)).sum(1).mean()
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_the_distillation_term_is_the_kl_divergence_scaled_by_t_squared(t):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(16, 10, dtype=torch.float64) * 3, torch.randn(16, 10, dtype=torch.float64) * 3
+    torch.testing.assert_close(distillation_term(student, teacher, t), reference_distillation(student, teacher, t))
+    assert distillation_term(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_distillation_gradient_pulls_the_student_toward_the_teacher():
+    """d/dz of T^2 KL(p || softmax(z / T)) is T (softmax(z / T) - p) / batch: the gradient that
+    carries the teacher's view of the wrong classes."""
+    torch.manual_seed(1)
+    t = 3.0
+    student = (torch.randn(8, 5, dtype=torch.float64) * 2).requires_grad_()
+    teacher = torch.randn(8, 5, dtype=torch.float64) * 2
+    reference_distillation(student, teacher, t).backward()
+    expected = t * (torch.softmax(student.detach() / t, 1) - torch.softmax(teacher / t, 1)) / len(student)
+    torch.testing.assert_close(student.grad, expected)
+
+
+def test_without_a_teacher_the_loss_is_the_plain_cross_entropy():
+    torch.manual_seed(2)
+    logits, labels = torch.randn(32, 10), torch.randint(0, 10, (32,))
+    expected = F.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert torch.equal(TrainingLoss(0.1)(logits, None, labels), expected)
+
+
+def test_the_loss_weighs_the_labels_and_the_teacher():
+    torch.manual_seed(3)
+    model = MiniResNet((4, 8, 8), 1).double()
+    teacher = Teacher(model, torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (6,))
+    logits = torch.randn(6, 10, dtype=torch.float64)
+    loss = TrainingLoss(0.1, teacher, weight=0.25, temperature=2.0)(logits, x, y)
+    expected = 0.75 * F.cross_entropy(logits, y, label_smoothing=0.1) + 0.25 * reference_distillation(
+        logits, model.eval()(x), 2.0
+    )
+    torch.testing.assert_close(loss, expected)
+
+
+def test_the_teacher_sees_each_image_normalised_its_own_way(tmp_path):
+    """A student normalised with one mean and std, a teacher trained with another: the teacher's
+    logits on the student's batch are its logits on the same pixels normalised its way."""
+    torch.manual_seed(4)
+    model = MiniResNet((4, 8, 8), 1)
+    teacher_mean, teacher_std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    path = tmp_path / "teacher.pt"
+    state = {"format": FORMAT, "arch": model.arch(), "weights": model.state_dict()}
+    state |= {"classes": [str(i) for i in range(10)], "mean": teacher_mean.tolist(), "std": teacher_std.tolist()}
+    torch.save(state, path)
+    loaded = load_checkpoint(path)  # the checkpoint format's own reader accepts it
+    assert loaded["arch"] == model.arch()
+    student_mean, student_std = torch.tensor([0.45, 0.46, 0.41]), torch.tensor([0.22, 0.21, 0.24])
+    teacher, record = load_teacher(str(path), tuple(state["classes"]), 32, student_mean, student_std)
+    teacher = teacher.double()
+    pixels = torch.rand(5, 3, 32, 32, dtype=torch.float64)
+    student_x = (pixels - student_mean.double().view(1, 3, 1, 1)) / student_std.double().view(1, 3, 1, 1)
+    teacher_x = (pixels - teacher_mean.double().view(1, 3, 1, 1)) / teacher_std.double().view(1, 3, 1, 1)
+    torch.testing.assert_close(teacher(student_x), model.double().eval()(teacher_x))
+    assert record["arch"] == model.arch() and len(record["sha256"]) == 64
+    teacher.train()  # a training loop's .train() leaves a teacher's BatchNorm on its running statistics
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.fixture
+def teacher_file(tiny_data, tmp_path):
+    """A model trained on the tiny data: the teacher of the runs below."""
+    train(tiny_config(tiny_data, tmp_path / "teacher", epochs=1, widths=(8, 16, 16)))
+    return tmp_path / "teacher" / "last.pt"
+
+
+def test_a_distilled_run_records_its_teacher_and_leaves_it_unchanged(tiny_data, tmp_path, teacher_file):
+    before = load_checkpoint(teacher_file)["weights"]
+    out = tmp_path / "student"
+    summary = train(tiny_config(tiny_data, out, epochs=2, teacher=str(teacher_file), distill_weight=0.6))
+    config = json.loads((out / "config.json").read_text())
+    assert config["teacher"] == str(teacher_file) and config["distill_weight"] == 0.6
+    recorded = config["resolved"]["teacher"]
+    assert recorded["arch"]["widths"] == [8, 16, 16] and recorded == summary["teacher"]
+    assert load_checkpoint(out / "last.pt")["teacher"] == recorded
+    after = load_checkpoint(teacher_file)["weights"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
+
+
+def test_distillation_changes_what_is_learned(tiny_data, tmp_path, teacher_file):
+    """The same run with and without the teacher ends with other weights (the term is not a no-op)."""
+    plain = train(tiny_config(tiny_data, tmp_path / "plain", epochs=1))
+    distilled = train(tiny_config(tiny_data, tmp_path / "distilled", epochs=1, teacher=str(teacher_file)))
+    assert plain["test_loss"] != distilled["test_loss"]
+    a, b = (load_checkpoint(tmp_path / name / "last.pt")["weights"] for name in ("plain", "distilled"))
+    assert not torch.equal(a["fc.weight"], b["fc.weight"])
+
+
+def test_a_distilled_run_resumes_exactly_and_only_with_its_teacher(tiny_data, tmp_path, teacher_file, monkeypatch):
+    teacher = tmp_path / "my-teacher.pt"
+    shutil.copy(teacher_file, teacher)
+    cfg = tiny_config(tiny_data, tmp_path / "whole", epochs=2, teacher=str(teacher))
+    whole = train(cfg)
+    broken = dataclasses.replace(cfg, out_dir=str(tmp_path / "broken"))
+    restore_schedule = interrupt_training_at(monkeypatch, 10)  # mid-epoch 2 (8 steps an epoch)
+    with pytest.raises(MiniResNetError, match="--resume"):
+        train(broken)
+    restore_schedule()
+    state = load_checkpoint(teacher)
+    state["weights"]["fc.bias"] += 0.01  # the same path, another model
+    torch.save(state, teacher)
+    with pytest.raises(MiniResNetError, match="learned from a teacher of sha256 .* resume with the same teacher"):
+        train(broken, resume=True)
+    shutil.copy(teacher_file, teacher)
+    resumed = train(broken, resume=True)
+    assert resumed["test_acc"] == whole["test_acc"] and resumed["test_loss"] == whole["test_loss"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(distill_weight=0.3), "give --teacher"),
+        (dict(teacher="best", distill_weight=1.5), "distill_weight must be in"),
+        (dict(teacher="best", distill_temperature=0.0), "distill_temperature above 0"),
+    ],
+)
+def test_distillation_options_are_checked(overrides, message):
+    with pytest.raises(MiniResNetError, match=message):
+        TrainConfig(**overrides).validate()
+
+
+def test_a_teacher_of_other_classes_is_one_clear_error(tiny_data, tmp_path, teacher_file):
+    state = load_checkpoint(teacher_file)
+    state["classes"] = [f"class {i}" for i in range(10)]
+    torch.save(state, tmp_path / "renamed.pt")
+    with pytest.raises(MiniResNetError, match="teacher needs the same classes in the same order"):
+        train(tiny_config(tiny_data, tmp_path / "student", epochs=1, teacher=str(tmp_path / "renamed.pt")))
