@@ -17,7 +17,7 @@ from .evaluate import evaluate
 from .loader import BatchLoader
 from .loss import TrainingLoss
 from .model import MiniResNet, count_macs
-from .runtime import describe_machine, resolve_device, resolve_precision
+from .runtime import Precision, describe_machine, model_in_precision, resolve_device, resolve_precision
 from .train import build_optimizer, graph_step_for, learning_rate, train_steps
 
 TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
@@ -50,9 +50,9 @@ def synthetic_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.randint(0, 10, (n,), generator=g)
 
 
-def _model(cfg: TrainConfig, device: torch.device) -> MiniResNet:
+def _model(cfg: TrainConfig, device: torch.device, precision: Precision) -> MiniResNet:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    return MiniResNet(cfg.widths, cfg.blocks_per_stage).to(device, memory_format=memory_format)
+    return model_in_precision(MiniResNet(cfg.widths, cfg.blocks_per_stage), precision, device, memory_format)
 
 
 class StepTimer:
@@ -64,10 +64,11 @@ class StepTimer:
     def __init__(self, cfg: TrainConfig, steps: int, device: torch.device) -> None:
         images, labels = synthetic_data(cfg.batch_size * steps)
         options = dict(shuffle=True, crop_padding=cfg.crop_padding, flip=cfg.flip, channels_last=cfg.channels_last)
-        self.loader = BatchLoader(images, labels, cfg.batch_size, MEAN, STD, device=device, **options)
-        self.model = _model(cfg, device)
-        self.optimizer = build_optimizer(self.model, cfg)
         self.precision = resolve_precision(cfg.precision, device)
+        options |= dict(device=device, dtype=self.precision.weights)
+        self.loader = BatchLoader(images, labels, cfg.batch_size, MEAN, STD, **options)
+        self.model = _model(cfg, device, self.precision)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.model_to_train = torch.compile(self.model) if cfg.compile else self.model  # compiled on the first call
         self.lr_at_step = functools.partial(learning_rate, cfg, steps_per_epoch=len(self.loader))
         self.loss_fn, self.device, self.epoch = TrainingLoss(cfg.label_smoothing), device, 0
@@ -118,8 +119,8 @@ def time_training(cfg: TrainConfig, steps: int, repeats: int, device: torch.devi
 def time_evaluation(cfg: TrainConfig, repeats: int, device: torch.device) -> list[float]:
     """Images/s of `evaluate` over 10,000 images, the size of the CIFAR-10 test set."""
     images, labels = synthetic_data(TEST_IMAGES, seed=1)
-    model = _model(cfg, device)
     precision = resolve_precision(cfg.precision, device)
+    model = _model(cfg, device, precision)
     rates = []
     for repeat in range(repeats + 1):
         synchronize(device)

@@ -114,13 +114,13 @@ def load_for_inference(args: argparse.Namespace):
     import torch
 
     from .checkpoint import load_model
-    from .runtime import resolve_device, resolve_precision, set_threads
+    from .runtime import model_in_precision, resolve_device, resolve_precision, set_threads
 
     set_threads(args.threads)
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, device).to(memory_format=torch.channels_last)
+    model = load_model(args.checkpoint, device)
     precision = resolve_precision(args.precision, device)
-    return model.to(dtype=precision.weights), device, precision
+    return model_in_precision(model, precision, memory_format=torch.channels_last), device, precision
 
 
 def model_logits(model, images, args: argparse.Namespace, device, precision):
@@ -352,7 +352,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if args.precision == "all":  # bf16 only where it is native: elsewhere it would fall back to fp32 again
         on_gpu = resolve_device(args.device).type == "cuda"
-        precisions = ["fp32", "bf16", "fp16"] if on_gpu else ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
+        bf16 = ["bf16", "bf16-weights"]
+        precisions = ["fp32", *bf16, "fp16"] if on_gpu else ["fp32", *bf16] if cpu_has_native_bf16() else ["fp32"]
     else:
         precisions = [args.precision]
     for precision in precisions:

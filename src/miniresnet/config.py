@@ -156,7 +156,8 @@ class TrainConfig:
     precision: str = _opt(
         "fp32",
         "auto (bf16 where the CPU or GPU computes it natively, else fp32), fp32, bf16 or fp16 (CUDA only) "
-        "autocast, or fp64 (slow: for numerical checks)",
+        "autocast, bf16-weights (the weights themselves in bf16, BatchNorm in fp32; no autocast), or fp64 "
+        "(slow: for numerical checks)",
         choices=PRECISIONS,
     )
     sync_bn: bool = _opt(
@@ -247,6 +248,8 @@ class TrainConfig:
             )
         if not self.teacher and (self.distill_weight != 0.5 or self.distill_temperature != 4.0):
             problems.append("distill_weight and distill_temperature weigh a teacher's probabilities: give --teacher")
+        if self.ema and self.precision == "bf16-weights":
+            problems.append("ema averages weights in their own precision: bf16-weights is too coarse for it")
         if not self.widths or min(self.widths) < 1:
             problems.append(f"widths must be positive, got {self.widths}")
         if train_size is not None:

@@ -89,7 +89,7 @@ class TrainingLoss:
     temperature: float = 4.0
 
     def __call__(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(at_least_fp32(logits), y, label_smoothing=self.label_smoothing)
         if self.teacher is None:
             return loss
         return (1 - self.weight) * loss + self.weight * distillation_term(logits, self.teacher(x), self.temperature)

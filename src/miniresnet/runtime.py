@@ -65,14 +65,15 @@ def keep_freed_memory() -> bool:
 
 
 # The precisions a run may ask for; `auto` resolves to one of the others (see resolve_precision).
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-weights", "fp64")
 
 
 @dataclass(frozen=True)
 class Precision:
     """The numeric precision a run actually computes in (never "auto"): the autocast dtype of the
     forward pass (None: none), and the dtype of the weights and inputs (fp64: float64, for
-    numerical checks; everything else: float32)."""
+    numerical checks; bf16-weights: bfloat16, BatchNorm aside, with no autocast; everything else:
+    float32)."""
 
     name: str
     autocast: torch.dtype | None = None
@@ -103,6 +104,26 @@ def cpu_has_native_bf16() -> bool:
     return hardware and any(isa in cap for isa in _NATIVE_BF16_ISAS)
 
 
+BF16_WEIGHTS = Precision("bf16-weights", weights=torch.bfloat16)
+
+
+def model_in_precision(
+    model: torch.nn.Module,
+    precision: Precision,
+    device: torch.device | None = None,
+    memory_format: torch.memory_format = torch.preserve_format,
+) -> torch.nn.Module:
+    """`model` (in place) on `device` with its weights in the precision's dtype. Half-precision
+    weights leave the BatchNorm layers in float32: their running statistics and scales need the
+    resolution, and BatchNorm takes half-precision activations with float32 parameters."""
+    model = model.to(device, precision.weights, memory_format=memory_format)
+    if precision.weights in (torch.bfloat16, torch.float16):
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.float()
+    return model
+
+
 def resolve_precision(asked: str, device: torch.device) -> Precision:
     """The precision that will run when `asked` is asked for on `device`. `auto`: bf16 where the
     hardware computes it natively (a CPU with AVX-512-BF16, AMX or aarch64 bf16; a GPU with bf16),
@@ -115,21 +136,22 @@ def resolve_precision(asked: str, device: torch.device) -> Precision:
         bf16 = torch.cuda.is_bf16_supported()
         if asked == "auto":
             return Precision("bf16", torch.bfloat16) if bf16 else FP32
-        if asked == "bf16" and not bf16:
+        if asked in ("bf16", "bf16-weights") and not bf16:
             _note("this GPU has no bf16; using fp32")
             return FP32
-        return {"fp32": FP32, "bf16": Precision("bf16", torch.bfloat16), "fp16": Precision("fp16", torch.float16)}[
-            asked
-        ]
+        by_name = {"fp32": FP32, "bf16": Precision("bf16", torch.bfloat16), "fp16": Precision("fp16", torch.float16)}
+        return by_name.get(asked, BF16_WEIGHTS)
     native_bf16 = cpu_has_native_bf16()
     if asked == "auto":
         return Precision("bf16", torch.bfloat16) if native_bf16 else FP32
     if asked == "fp16":
         _note("fp16 autocast is for CUDA; on the CPU using fp32")
         return FP32
-    if asked == "bf16" and not native_bf16:
+    if asked in ("bf16", "bf16-weights") and not native_bf16:
         _note("this CPU lacks native bf16 (AVX-512-BF16, AMX or aarch64 bf16); using fp32")
         return FP32
+    if asked == "bf16-weights":
+        return BF16_WEIGHTS
     return Precision(asked, torch.bfloat16 if asked == "bf16" else None)
 
 

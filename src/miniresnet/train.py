@@ -63,6 +63,7 @@ from .runtime import (
     available_cores,
     describe_machine,
     log,
+    model_in_precision,
     resolve_device,
     resolve_precision,
     set_threads,
@@ -252,7 +253,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         )
     params, macs = count_parameters(model), count_macs(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(device, precision.weights, memory_format=memory_format)
+    model = model_in_precision(model, precision, device, memory_format)
     if cfg.sync_bn and ddp.enabled:
         model = sync_batchnorm(model)
     model_to_train = wrap_for_training(model, cfg.compile, ddp, device)
@@ -380,7 +381,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                 kept = f"; the last good checkpoint is {out / 'last.pt'}" if (out / "last.pt").exists() else ""
                 raise MiniResNetError(
                     f"{e} of epoch {epoch + 1} (lr {lr:.3g}, {precision.name}). Lower --lr or add --warmup"
-                    + (", or use --precision fp32" if precision.autocast else "")
+                    + (", or use --precision fp32" if precision.name not in ("fp32", "fp64") else "")
                     + kept
                 ) from None
             train_seconds = time.perf_counter() - epoch_start
@@ -600,7 +601,7 @@ def training_loss(
     size = data.train_images.shape[-1]
     teacher, record = load_teacher(cfg.teacher, data.classes, size, data.mean, data.std)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    teacher = teacher.to(device, precision.weights, memory_format=memory_format)
+    teacher = model_in_precision(teacher, precision, device, memory_format)
     return TrainingLoss(cfg.label_smoothing, teacher, cfg.distill_weight, cfg.distill_temperature), record
 
 
