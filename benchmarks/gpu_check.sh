@@ -8,12 +8,12 @@
 # 1. The CUDA-only tests (among them: the recorded CUDA-graph step matches the eager one and never
 #    makes the host wait inside an epoch; a graph run resumes where an unbroken one ends). 2. `bench`
 #    on the GPU at the presets' batch sizes (seed 100, fast 256, and 512), each as a recorded graph
-#    and eagerly (--no-cuda-graph), in fp32, bf16 and fp16 (fp16, with its loss scaler, is always
-#    eager); bf16 compiled once. 3. With CIFAR-10 (CIFAR10_DIR, or $MINIRESNET_CIFAR10): the `seed`, `quick`
-#    and `fast` presets end to end on the GPU, seed 0, with their wall times (their results files
-#    are copied into RESULTS_DIR). 4. The whole test suite: every test that trains with device
-#    "auto" (most of tests/test_train.py) trains on the GPU here. Everything it prints is also saved
-#    in RESULTS_DIR.
+#    and eagerly (--no-cuda-graph), in fp32, bf16 autocast, bf16 weights (BatchNorm in fp32) and fp16
+#    (fp16, with its loss scaler, is always eager); bf16 compiled once. 3. With CIFAR-10 (CIFAR10_DIR, or
+#    $MINIRESNET_CIFAR10): the `seed`, `quick` and `fast` presets end to end on the GPU, seed 0, with
+#    their wall times, and `fast` again with bf16 weights (their results files are copied into
+#    RESULTS_DIR). 4. The whole test suite: every test that trains with device "auto" (most of
+#    tests/test_train.py) trains on the GPU here. Everything it prints is also saved in RESULTS_DIR.
 set -uo pipefail
 results=${1:-benchmarks/results/gpu}
 mkdir -p "$results"
@@ -37,6 +37,10 @@ if [ -n "$data" ]; then
             -- --device cuda 2>&1 | tee -a "$results/presets.log" || failed=1
         cp "benchmarks/results/gpu-$preset.json" "$results/" 2>/dev/null
     done
+    # The precision study's third arm at equal recipe: the weights themselves in bf16, BatchNorm in fp32.
+    python3 benchmarks/preset_runs.py --preset fast --seeds 0 --data-dir "$data" --name gpu-fast-bf16-weights \
+        -- --device cuda --precision bf16-weights 2>&1 | tee -a "$results/presets.log" || failed=1
+    cp benchmarks/results/gpu-fast-bf16-weights.json "$results/" 2>/dev/null
 else
     echo "no CIFAR-10 given: the end-to-end preset runs are skipped" | tee -a "$results/presets.log"
 fi
