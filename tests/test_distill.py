@@ -3,6 +3,7 @@ and a distilled run end to end (what it records, what it refuses)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -49,10 +50,22 @@ def test_the_distillation_gradient_pulls_the_student_toward_the_teacher():
 
 
 def test_without_a_teacher_the_loss_is_the_plain_cross_entropy():
+    """In fp32 and under bf16 autocast (where cross-entropy runs in fp32 either way): the same loss
+    to the bit as before the loss had a teacher, and the same gradient."""
     torch.manual_seed(2)
-    logits, labels = torch.randn(32, 10), torch.randint(0, 10, (32,))
-    expected = F.cross_entropy(logits, labels, label_smoothing=0.1)
-    assert torch.equal(TrainingLoss(0.1)(logits, None, labels), expected)
+    weights, features, labels = torch.randn(10, 16), torch.randn(32, 16), torch.randint(0, 10, (32,))
+    for autocast in (False, True):
+        results = []
+        for loss_of in (
+            lambda z: TrainingLoss(0.1)(z, None, labels),
+            lambda z: F.cross_entropy(z, labels, label_smoothing=0.1),
+        ):
+            w = weights.clone().requires_grad_()
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                loss = loss_of(features @ w.T)
+            loss.backward()
+            results.append((loss.detach(), w.grad))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_the_loss_weighs_the_labels_and_the_teacher():
@@ -99,8 +112,19 @@ def teacher_file(tiny_data, tmp_path):
     return tmp_path / "teacher" / "last.pt"
 
 
-def test_a_distilled_run_records_its_teacher_and_leaves_it_unchanged(tiny_data, tmp_path, teacher_file):
-    before = load_checkpoint(teacher_file)["weights"]
+def test_a_distilled_run_records_its_teacher_and_leaves_it_unchanged(tiny_data, tmp_path, teacher_file, monkeypatch):
+    """The run records which teacher it learned from; the teacher in memory ends the run as it
+    started (its weights and BatchNorm statistics: it never trains)."""
+    import miniresnet.train as train_module
+
+    real_training_loss, made = train_module.training_loss, []
+
+    def training_loss_kept(*args, **kwargs):
+        loss_fn, record = real_training_loss(*args, **kwargs)
+        made.append((loss_fn.teacher, copy.deepcopy(loss_fn.teacher.state_dict())))
+        return loss_fn, record
+
+    monkeypatch.setattr(train_module, "training_loss", training_loss_kept)
     out = tmp_path / "student"
     summary = train(tiny_config(tiny_data, out, epochs=2, teacher=str(teacher_file), distill_weight=0.6))
     config = json.loads((out / "config.json").read_text())
@@ -108,7 +132,9 @@ def test_a_distilled_run_records_its_teacher_and_leaves_it_unchanged(tiny_data, 
     recorded = config["resolved"]["teacher"]
     assert recorded["arch"]["widths"] == [8, 16, 16] and recorded == summary["teacher"]
     assert load_checkpoint(out / "last.pt")["teacher"] == recorded
-    after = load_checkpoint(teacher_file)["weights"]
+    [(teacher, before)] = made
+    after = teacher.state_dict()
+    assert "model.features.0.1.running_mean" in after
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
 
 
@@ -136,8 +162,14 @@ def test_a_distilled_run_resumes_exactly_and_only_with_its_teacher(tiny_data, tm
     torch.save(state, teacher)
     with pytest.raises(MiniResNetError, match="learned from a teacher of sha256 .* resume with the same teacher"):
         train(broken, resume=True)
-    shutil.copy(teacher_file, teacher)
-    resumed = train(broken, resume=True)
+    with pytest.raises(MiniResNetError, match="learned from the teacher .* and is given none"):
+        train(dataclasses.replace(broken, teacher=""), resume=True)
+    teacher.unlink()
+    with pytest.raises(MiniResNetError, match="the teacher this run learns from: .*give its new place with --teacher"):
+        train(broken, resume=True)
+    moved = tmp_path / "moved-teacher.pt"
+    shutil.copy(teacher_file, moved)
+    resumed = train(dataclasses.replace(broken, teacher=str(moved)), resume=True)
     assert resumed["test_acc"] == whole["test_acc"] and resumed["test_loss"] == whole["test_loss"]
 
 
@@ -147,6 +179,7 @@ def test_a_distilled_run_resumes_exactly_and_only_with_its_teacher(tiny_data, tm
         (dict(distill_weight=0.3), "give --teacher"),
         (dict(teacher="best", distill_weight=1.5), "distill_weight must be in"),
         (dict(teacher="best", distill_temperature=0.0), "distill_temperature above 0"),
+        (dict(teacher="best", distill_weight=0.0), "would run the teacher for nothing"),
     ],
 )
 def test_distillation_options_are_checked(overrides, message):
@@ -154,9 +187,15 @@ def test_distillation_options_are_checked(overrides, message):
         TrainConfig(**overrides).validate()
 
 
-def test_a_teacher_of_other_classes_is_one_clear_error(tiny_data, tmp_path, teacher_file):
-    state = load_checkpoint(teacher_file)
-    state["classes"] = [f"class {i}" for i in range(10)]
-    torch.save(state, tmp_path / "renamed.pt")
-    with pytest.raises(MiniResNetError, match="teacher needs the same classes in the same order"):
-        train(tiny_config(tiny_data, tmp_path / "student", epochs=1, teacher=str(tmp_path / "renamed.pt")))
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(classes=[f"class {i}" for i in range(10)]), "teacher needs the same classes in the same order"),
+        (dict(image_size=24), "was trained on 24x24 images and this run prepares 32x32"),
+    ],
+)
+def test_a_teacher_that_does_not_fit_is_one_clear_error(tiny_data, tmp_path, teacher_file, change, message):
+    state = load_checkpoint(teacher_file) | change
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(MiniResNetError, match=message):
+        train(tiny_config(tiny_data, tmp_path / "student", epochs=1, teacher=str(tmp_path / "other.pt")))

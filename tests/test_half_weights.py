@@ -18,10 +18,12 @@ from miniresnet.train import train
 
 def test_the_weights_are_bf16_and_batchnorm_stays_fp32():
     model = runtime.model_in_precision(MiniResNet(), runtime.BF16_WEIGHTS)
-    for name, tensor in model.state_dict().items():
-        in_batchnorm = ".bn" in name or name.startswith("features.") and name.split(".")[2] == "1"
-        if tensor.is_floating_point():
-            assert tensor.dtype == (torch.float32 if in_batchnorm else torch.bfloat16), name
+    for module in model.modules():
+        expected = torch.float32 if isinstance(module, torch.nn.BatchNorm2d) else torch.bfloat16
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                assert tensor.dtype == expected, (module, name)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 15
 
 
 def test_the_forward_pass_is_the_float64_one_to_bf16_rounding():

@@ -50,6 +50,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 # What may differ when a run is resumed: where the data is and how the work is done, not what is computed.
 RESUMABLE_OVERRIDES = {
     "data_dir",
+    "teacher",  # where the teacher lies now; a resume checks it is the same model (sha256)
     "train_folder",
     "test_folder",
     "cache_dir",

@@ -246,8 +246,12 @@ class TrainConfig:
                 f"distill_weight must be in [0, 1] and distill_temperature above 0, got {self.distill_weight} and "
                 f"{self.distill_temperature}"
             )
-        if not self.teacher and (self.distill_weight != 0.5 or self.distill_temperature != 4.0):
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        distilling = {k: getattr(self, k) for k in ("distill_weight", "distill_temperature")}
+        if not self.teacher and any(value != defaults[k] for k, value in distilling.items()):
             problems.append("distill_weight and distill_temperature weigh a teacher's probabilities: give --teacher")
+        if self.teacher and self.distill_weight == 0:
+            problems.append("distill_weight 0 would run the teacher for nothing: drop --teacher, or weigh it")
         if self.ema and self.precision == "bf16-weights":
             problems.append("ema averages weights in their own precision: bf16-weights is too coarse for it")
         if not self.widths or min(self.widths) < 1:

@@ -68,12 +68,19 @@ def load_teacher(
     return Teacher(model, scale.float(), shift.float()), record
 
 
-def checked_teacher(record: dict, saved: dict | None, source: str | Path) -> None:
-    """Refuse to resume a distilled run with a teacher other than the one it started with: it
-    would carry on learning from other probabilities without a word."""
-    if saved and saved["sha256"] != record["sha256"]:
+def refuse_other_teacher(record: dict | None, saved: dict | None, run_dir: str | Path) -> None:
+    """Refuse to resume a run with a teacher other than the one it started with (or with one where
+    it had none, or none where it had one): it would carry on learning from other probabilities
+    without a word. `record` is this resume's teacher, `saved` the checkpoint's (None: none)."""
+    if record is None and saved is None:
+        return
+    if record is None or saved is None:
+        had = f"learned from the teacher {saved['model']}" if saved else "learned from no teacher"
+        now = f"is given the teacher {record['model']}" if record else "is given none"
+        raise MiniResNetError(f"the run in {run_dir} {had} and {now}: resume it as it started, or start a new run")
+    if saved["sha256"] != record["sha256"]:
         raise MiniResNetError(
-            f"the run in {source} learned from a teacher of sha256 {saved['sha256']} ({saved['model']}); "
+            f"the run in {run_dir} learned from a teacher of sha256 {saved['sha256']} ({saved['model']}); "
             f"{record['model']} now has sha256 {record['sha256']}: resume with the same teacher, or start a new run"
         )
 

@@ -139,8 +139,13 @@ def resolve_precision(asked: str, device: torch.device) -> Precision:
         if asked in ("bf16", "bf16-weights") and not bf16:
             _note("this GPU has no bf16; using fp32")
             return FP32
-        by_name = {"fp32": FP32, "bf16": Precision("bf16", torch.bfloat16), "fp16": Precision("fp16", torch.float16)}
-        return by_name.get(asked, BF16_WEIGHTS)
+        by_name = {
+            "fp32": FP32,
+            "bf16": Precision("bf16", torch.bfloat16),
+            "fp16": Precision("fp16", torch.float16),
+            "bf16-weights": BF16_WEIGHTS,
+        }
+        return by_name[asked]
     native_bf16 = cpu_has_native_bf16()
     if asked == "auto":
         return Precision("bf16", torch.bfloat16) if native_bf16 else FP32

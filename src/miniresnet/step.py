@@ -48,8 +48,11 @@ class GraphStep:
         self.model, self.optimizer, self.precision = model, optimizer, precision
         self.loss_fn, self.batch_size, self.capture = loss_fn, batch_size, capture
         weight = next(model.parameters())
+        # float32 (float64 for numerical checks) even when the weights are bf16: fused optimizers read
+        # a float32 lr, and a bf16 one would round every lr to 8 bits.
+        lr_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         for group in optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=weight.dtype, device=weight.device)
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=lr_dtype, device=weight.device)
             if capture and "capturable" in group:  # Adam keeps its step count on the device
                 group["capturable"] = True
         self.recorded: dict[tuple, tuple] = {}  # batch shape -> (graph, x, y, loss, logits)

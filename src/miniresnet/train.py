@@ -45,7 +45,7 @@ from .errors import MiniResNetError
 from .evaluate import metrics, predict_logits
 from .loader import BatchLoader
 from .lookahead import Lookahead
-from .loss import TrainingLoss, checked_teacher, load_teacher
+from .loss import TrainingLoss, load_teacher, refuse_other_teacher
 from .model import MiniResNet, count_macs, count_parameters, whiten_stem
 from .muon import MuonSGD
 from .rundir import (
@@ -258,13 +258,11 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         model = sync_batchnorm(model)
     model_to_train = wrap_for_training(model, cfg.compile, ddp, device)
     optimizer = build_optimizer(model, cfg)
-    loss_fn, teacher = training_loss(cfg, data, device, precision)
-    if teacher:
-        checked_teacher(teacher, saved.get("teacher") if saved else None, out)
-        say(
-            f"learning from the teacher {cfg.teacher} (sha256 {teacher['sha256'][:12]}..., MiniResNet"
-            f"{tuple(teacher['arch']['widths'])}) as well as the labels"
-        )
+    loss_fn, teacher_record = training_loss(cfg, data, device, precision, resuming=bool(saved))
+    if saved:
+        refuse_other_teacher(teacher_record, saved.get("teacher"), out)
+    if teacher_record:
+        say(teacher_line(cfg, teacher_record))
     # fp16 (CUDA only) needs its loss scaled, or small gradients underflow to zero; off otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
     ema = EMA(model, cfg.ema) if cfg.ema else None
@@ -297,7 +295,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             "torch": torch.__version__,
             "processes": ddp.world_size,
             "init": origin,
-            "teacher": teacher,
+            "teacher": teacher_record,
         }
         write_json(out / "config.json", {**cfg.to_dict(), "resolved": resolved})
     if ddp.is_main:
@@ -333,7 +331,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             config=cfg.to_dict(),
             device=device,
             init=origin,
-            teacher=teacher,
+            teacher=teacher_record,
             temperature=progress.temperature,
         )
 
@@ -432,7 +430,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         say(calibration_line(final, calibrated="val" in data.eval_sets))
     seconds = progress.earlier_seconds + time.perf_counter() - started
     summary = summarize(cfg, progress, precision, device, params, out, seconds)
-    summary |= ({"init": origin} if origin else {}) | ({"teacher": teacher} if teacher else {})
+    summary |= ({"init": origin} if origin else {}) | ({"teacher": teacher_record} if teacher_record else {})
     if ddp.is_main:
         write_json(out / "test_eval.json", test_result, indent=None)
         test_images, test_labels = data.eval_sets["test"]
@@ -592,17 +590,33 @@ def graph_step_for(
 
 
 def training_loss(
-    cfg: TrainConfig, data: TrainingData, device: torch.device, precision: Precision
+    cfg: TrainConfig, data: TrainingData, device: torch.device, precision: Precision, resuming: bool = False
 ) -> tuple[TrainingLoss, dict | None]:
     """The loss the steps minimise (label smoothing, and with --teacher knowledge distillation) and
     what the run records about its teacher (None without one)."""
     if not cfg.teacher:
         return TrainingLoss(cfg.label_smoothing), None
     size = data.train_images.shape[-1]
-    teacher, record = load_teacher(cfg.teacher, data.classes, size, data.mean, data.std)
+    try:
+        teacher, record = load_teacher(cfg.teacher, data.classes, size, data.mean, data.std)
+    except MiniResNetError as e:
+        moved = "; if it has moved, give its new place with --teacher" if resuming else ""
+        raise MiniResNetError(f"the teacher this run learns from: {e}{moved}") from None
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     teacher = model_in_precision(teacher, precision, device, memory_format)
     return TrainingLoss(cfg.label_smoothing, teacher, cfg.distill_weight, cfg.distill_temperature), record
+
+
+def teacher_line(cfg: TrainConfig, record: dict) -> str:
+    """The log line that names the teacher, and what it sees during progressive resizing."""
+    line = (
+        f"learning from the teacher {cfg.teacher} (sha256 {record['sha256'][:12]}..., MiniResNet"
+        f"{tuple(record['arch']['widths'])}) as well as the labels; train_loss is the weighted sum"
+    )
+    if cfg.downscale_epochs:
+        size = cfg.downscale_size
+        line += f"; in the first {cfg.downscale_epochs} epochs it sees the same {size}x{size} images as the model"
+    return line
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
