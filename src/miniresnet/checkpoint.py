@@ -386,7 +386,7 @@ def model_file_sha256(source: str | Path) -> str:
 
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> MiniResNet:
     """A trained model, in eval mode, in one line, from a checkpoint written by `miniresnet train`,
-    a safetensors file written by `miniresnet export`, or a shipped model's name ("best", "seed").
+    a safetensors file written by `miniresnet export`, or a shipped model's name ("best", "best-jpeg", "seed").
     It carries `classes`, `image_size`, the input normalisation (`mean`, `std`, [0, 1] scale) and
     the `temperature` its logits are divided by before the softmax (1: not calibrated)."""
     return model_from_checkpoint(read_model(source), source).to(device).eval()

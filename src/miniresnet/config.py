@@ -69,7 +69,7 @@ class TrainConfig:
     # Fine-tuning: start from a trained model instead of random weights.
     init: str = _opt(
         "",
-        "start from a trained model's weights: a shipped name (best, seed), a checkpoint or a safetensors "
+        "start from a trained model's weights: a shipped name (best, best-jpeg, seed), a checkpoint or a safetensors "
         "export. Its layers are kept; the last is new, sized to this data's classes, unless the classes are "
         "the same in the same order",
     )
