@@ -105,6 +105,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 BF16_WEIGHTS = Precision("bf16-weights", weights=torch.bfloat16)
+# What each precision runs as where the hardware does it well (resolve_precision decides where).
+RUNS_AS = {
+    "fp32": FP32,
+    "bf16": Precision("bf16", torch.bfloat16),
+    "fp16": Precision("fp16", torch.float16),
+    "bf16-weights": BF16_WEIGHTS,
+    "fp64": Precision("fp64", weights=torch.float64),
+}
 
 
 def model_in_precision(
@@ -131,33 +139,25 @@ def resolve_precision(asked: str, device: torch.device) -> Precision:
     if asked not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {asked!r}")
     if asked == "fp64":
-        return Precision("fp64", weights=torch.float64)
+        return RUNS_AS[asked]
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         if asked == "auto":
-            return Precision("bf16", torch.bfloat16) if bf16 else FP32
+            return RUNS_AS["bf16"] if bf16 else FP32
         if asked in ("bf16", "bf16-weights") and not bf16:
             _note("this GPU has no bf16; using fp32")
             return FP32
-        by_name = {
-            "fp32": FP32,
-            "bf16": Precision("bf16", torch.bfloat16),
-            "fp16": Precision("fp16", torch.float16),
-            "bf16-weights": BF16_WEIGHTS,
-        }
-        return by_name[asked]
+        return RUNS_AS[asked]
     native_bf16 = cpu_has_native_bf16()
     if asked == "auto":
-        return Precision("bf16", torch.bfloat16) if native_bf16 else FP32
+        return RUNS_AS["bf16"] if native_bf16 else FP32
     if asked == "fp16":
         _note("fp16 autocast is for CUDA; on the CPU using fp32")
         return FP32
     if asked in ("bf16", "bf16-weights") and not native_bf16:
         _note("this CPU lacks native bf16 (AVX-512-BF16, AMX or aarch64 bf16); using fp32")
         return FP32
-    if asked == "bf16-weights":
-        return BF16_WEIGHTS
-    return Precision(asked, torch.bfloat16 if asked == "bf16" else None)
+    return RUNS_AS[asked]
 
 
 def _note(message: str) -> None:

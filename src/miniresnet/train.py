@@ -258,7 +258,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         model = sync_batchnorm(model)
     model_to_train = wrap_for_training(model, cfg.compile, ddp, device)
     optimizer = build_optimizer(model, cfg)
-    loss_fn, teacher_record = training_loss(cfg, data, device, precision, resuming=bool(saved))
+    loss_fn, teacher_record = training_loss(cfg, data, device, precision, memory_format, resuming=bool(saved))
     if saved:
         refuse_other_teacher(teacher_record, saved.get("teacher"), out)
     if teacher_record:
@@ -590,10 +590,15 @@ def graph_step_for(
 
 
 def training_loss(
-    cfg: TrainConfig, data: TrainingData, device: torch.device, precision: Precision, resuming: bool = False
+    cfg: TrainConfig,
+    data: TrainingData,
+    device: torch.device,
+    precision: Precision,
+    memory_format: torch.memory_format,
+    resuming: bool = False,
 ) -> tuple[TrainingLoss, dict | None]:
     """The loss the steps minimise (label smoothing, and with --teacher knowledge distillation) and
-    what the run records about its teacher (None without one)."""
+    what the run records about its teacher (None without one), which is placed as the model is."""
     if not cfg.teacher:
         return TrainingLoss(cfg.label_smoothing), None
     size = data.train_images.shape[-1]
@@ -602,7 +607,6 @@ def training_loss(
     except MiniResNetError as e:
         moved = "; if it has moved, give its new place with --teacher" if resuming else ""
         raise MiniResNetError(f"the teacher this run learns from: {e}{moved}") from None
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     teacher = model_in_precision(teacher, precision, device, memory_format)
     return TrainingLoss(cfg.label_smoothing, teacher, cfg.distill_weight, cfg.distill_temperature), record
 
