@@ -180,6 +180,8 @@ def test_a_distilled_run_resumes_exactly_and_only_with_its_teacher(tiny_data, tm
         (dict(teacher="best", distill_weight=1.5), "distill_weight must be in"),
         (dict(teacher="best", distill_temperature=0.0), "distill_temperature above 0"),
         (dict(teacher="best", distill_weight=0.0), "would run the teacher for nothing"),
+        (dict(teacher="best", teacher_sees_original=True), "give --teacher and --jpeg-p"),
+        (dict(jpeg_p=0.5, teacher_sees_original=True), "give --teacher and --jpeg-p"),
     ],
 )
 def test_distillation_options_are_checked(overrides, message):
@@ -199,3 +201,33 @@ def test_a_teacher_that_does_not_fit_is_one_clear_error(tiny_data, tmp_path, tea
     torch.save(state, tmp_path / "other.pt")
     with pytest.raises(MiniResNetError, match=message):
         train(tiny_config(tiny_data, tmp_path / "student", epochs=1, teacher=str(tmp_path / "other.pt")))
+
+
+def test_a_teacher_that_sees_the_originals_is_given_them(tiny_data, tmp_path, teacher_file, monkeypatch, capsys):
+    """With --teacher-sees-original, at every step the model gets the batch's possibly compressed
+    images and the teacher the originals the loader carries beside them."""
+    import miniresnet.train as train_module
+
+    real_train_steps, seen = train_module.train_steps, []
+
+    def train_steps_watched(model, optimizer, loader, *args, loss_fn, **kwargs):
+        model_inputs = []
+        model.register_forward_pre_hook(lambda _module, inputs: model_inputs.append(inputs[0].clone()))
+
+        def loss_watched(logits, teacher_x, y):
+            seen.append((model_inputs[-1], teacher_x.clone()))
+            return loss_fn(logits, teacher_x, y)
+
+        batches = [(x.clone(), originals.clone()) for x, _, originals in loader.batches(0)]
+        yield from real_train_steps(model, optimizer, loader, *args, loss_fn=loss_watched, **kwargs)
+        assert [(torch.equal(a, x), torch.equal(b, o)) for (a, b), (x, o) in zip(seen, batches, strict=True)] == [
+            (True, True)
+        ] * len(batches)
+        assert any(not torch.equal(x, o) for x, o in batches)  # some images were compressed
+        seen.append("epoch checked")
+
+    monkeypatch.setattr(train_module, "train_steps", train_steps_watched)
+    cfg = tiny_config(tiny_data, tmp_path / "run", epochs=1, teacher=str(teacher_file), jpeg_p=0.5)
+    train(dataclasses.replace(cfg, teacher_sees_original=True, cache_dir=str(tmp_path), quiet=False))
+    assert seen[-1] == "epoch checked"
+    assert "where the model sees a JPEG-compressed image, the teacher sees the original" in capsys.readouterr().err

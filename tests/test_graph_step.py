@@ -13,6 +13,7 @@ from conftest import gpu_waits, interrupt_training_at, synthetic_images, tiny_co
 from miniresnet.checkpoint import portable_optimizer_state
 from miniresnet.config import TrainConfig
 from miniresnet.ema import EMA
+from miniresnet.images import jpeg_versions
 from miniresnet.loader import BatchLoader
 from miniresnet.loss import Teacher, TrainingLoss
 from miniresnet.model import MiniResNet
@@ -35,6 +36,10 @@ RECIPES = {
     "distilled": TrainConfig(
         optimizer="muon", lr=0.05, muon_lr=0.05, teacher="x", distill_weight=0.7, distill_temperature=3.0, epochs=2
     ),
+    # the teacher sees the originals of the JPEG-compressed images the model sees
+    "distilled-original": TrainConfig(
+        optimizer="sgd", lr=0.05, teacher="x", jpeg_p=0.5, teacher_sees_original=True, epochs=2
+    ),
 }
 
 
@@ -49,12 +54,18 @@ def training_loss_for(cfg: TrainConfig, device: torch.device, dtype: torch.dtype
     return TrainingLoss(0.1, teacher.to(device, dtype), cfg.distill_weight, cfg.distill_temperature)
 
 
-def loader_for(device: torch.device, n: int = 90, batch: int = 20, dtype=torch.float64) -> BatchLoader:
-    """90 images in batches of 20: every epoch ends with a partial batch of 10."""
+def loader_for(
+    device: torch.device, n: int = 90, batch: int = 20, dtype=torch.float64, originals: bool = False
+) -> BatchLoader:
+    """90 images in batches of 20: every epoch ends with a partial batch of 10. With `originals`,
+    half the images are swapped for compressed versions and batches carry the originals too."""
     images, labels = synthetic_images(n)
     data = torch.from_numpy(images), torch.from_numpy(labels).long()
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     options = dict(shuffle=True, crop_padding=2, flip=True, cutout=4, seed=3, device=device, dtype=dtype)
+    if originals:
+        versions = jpeg_versions(data[0], 2, (30, 60), seed=0, progress=False)
+        options |= dict(jpeg_versions=versions, jpeg_p=0.5, originals_too=True)
     return BatchLoader(*data, batch, mean, std, **options)
 
 
@@ -69,7 +80,7 @@ def run_epochs(cfg: TrainConfig, graph: bool, device: torch.device, precision: P
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
-    loader = loader_for(device, dtype=precision.weights)
+    loader = loader_for(device, dtype=precision.weights, originals=cfg.teacher_sees_original)
     loss_fn = training_loss_for(cfg, device, precision.weights)
     step = GraphStep(
         model,
@@ -179,7 +190,7 @@ def test_a_graph_runs_checkpoint_resumes_eagerly_as_if_unbroken():
 
 
 @needs_cuda
-@pytest.mark.parametrize("recipe", ["sgd", "muon", "adam", "distilled"])
+@pytest.mark.parametrize("recipe", ["sgd", "muon", "adam", "distilled", "distilled-original"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-weights"])
 def test_recorded_graph_matches_the_eager_step_on_the_gpu(recipe, precision):
     """Four epochs of 5 steps (4 replays and one eager partial batch each), 20 steps in all: the

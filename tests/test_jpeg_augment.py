@@ -75,3 +75,26 @@ def test_a_run_with_jpeg_augmentation_trains_on_versions_it_cached(tiny_data, tm
         tiny_config(tiny_data, tmp_path / "run", epochs=1, jpeg_p=0.5, jpeg_versions=2, cache_dir=str(tmp_path))
     )
     assert summary["epochs"] == 1 and len(list(tmp_path.glob("jpeg-*.pt"))) == 1
+
+
+def test_with_originals_too_batches_carry_the_images_before_compression():
+    """Each batch is (images, labels, originals): the images as a JPEG-augmented loader yields
+    them, and the originals as a loader without JPEG yields them, cropped, flipped and cut out
+    alike. Without JPEG versions there is nothing to carry."""
+    images, labels = some_images(), torch.arange(12) % 3
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    versions = jpeg_versions(images, 2, (30, 60), seed=0, progress=False)
+    options = dict(shuffle=True, crop_padding=2, flip=True, cutout=6, seed=3)
+    compressed = dict(jpeg_versions=versions, jpeg_p=0.5)
+    both = BatchLoader(images, labels, 5, mean, std, **options, **compressed, originals_too=True)
+    only_compressed = BatchLoader(images, labels, 5, mean, std, **options, **compressed)
+    plain = BatchLoader(images, labels, 5, mean, std, **options)
+    for epoch in range(2):
+        for loader in (both, only_compressed, plain):
+            loader.set_epoch(epoch)
+        for (x, y, originals), (x_alone, y_alone), (x_plain, y_plain) in zip(both, only_compressed, plain, strict=True):
+            assert torch.equal(x, x_alone) and torch.equal(originals, x_plain)
+            assert torch.equal(y, y_alone) and torch.equal(y, y_plain)
+    assert any(not torch.equal(x, originals) for x, _, originals in both)  # some were compressed
+    without = BatchLoader(images, labels, 5, mean, std, **options, originals_too=True)
+    assert all(len(batch) == 2 for batch in without)

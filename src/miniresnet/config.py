@@ -89,6 +89,12 @@ class TrainConfig:
         0.5, "with --teacher: the weight of the distillation term; the labels' cross-entropy gets the rest"
     )
     distill_temperature: float = _opt(4.0, "with --teacher: the temperature both models' probabilities are softened by")
+    teacher_sees_original: bool = _opt(
+        False,
+        "with --teacher and --jpeg-p: the teacher sees each image as it was before JPEG compression (the same "
+        "crop, flip and size), so the model learns to answer for a compressed image what the teacher answers "
+        "for the original",
+    )
     downscale_epochs: int = _opt(
         0,
         "progressive resizing: train the first N epochs on images scaled down to "
@@ -252,6 +258,10 @@ class TrainConfig:
             problems.append("distill_weight and distill_temperature weigh a teacher's probabilities: give --teacher")
         if self.teacher and self.distill_weight == 0:
             problems.append("distill_weight 0 would run the teacher for nothing: drop --teacher, or weigh it")
+        if self.teacher_sees_original and not (self.teacher and self.jpeg_p > 0):
+            problems.append(
+                "teacher_sees_original shows a teacher the images before JPEG compression: give --teacher and --jpeg-p"
+            )
         if self.ema and self.precision == "bf16-weights":
             problems.append("ema averages weights in their own precision: bf16-weights is too coarse for it")
         if not self.widths or min(self.widths) < 1:

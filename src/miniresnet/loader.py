@@ -13,7 +13,8 @@ from .augment import crop_flip, cut_out, normalize, pad, random_crops, random_sq
 
 class BatchLoader:
     """Yields (images, labels) batches: normalised images (float32 unless `dtype` says otherwise),
-    int64 labels. With world_size N > 1 it yields this process's share of each global batch (see
+    int64 labels; (images, labels, originals) with `originals_too` and JPEG versions (see __init__).
+    With world_size N > 1 it yields this process's share of each global batch (see
     distributed.py), and every process takes the same number of images at every step: a full batch
     splits evenly (batch_size is a multiple of N), and the epoch's last, partial batch is cut to a
     multiple of N by leaving out its last `left_out` (< N) images, other ones each epoch since the
@@ -47,6 +48,7 @@ class BatchLoader:
         world_size: int = 1,
         jpeg_versions: torch.Tensor | None = None,
         jpeg_p: float = 0.0,
+        originals_too: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -62,6 +64,9 @@ class BatchLoader:
         if jpeg_versions is not None and jpeg_p > 0:
             padded = pad(jpeg_versions.flatten(0, 1), crop_padding)
             self.jpeg_versions = padded.view(*jpeg_versions.shape[:2], *padded.shape[1:]).to(device)
+        # For a teacher that sees the originals: batches are (images, labels, originals), where originals
+        # are the same images, cropped, flipped, cut out and resized alike, but never compressed.
+        self.originals_too = originals_too and self.jpeg_versions is not None
         self.batch_size = batch_size
         self.mean, self.std = mean.to(device), std.to(device)  # moved once, not with every batch
         self.shuffle, self.crop_padding, self.flip, self.cutout = shuffle, crop_padding, flip, cutout
@@ -115,14 +120,26 @@ class BatchLoader:
             picked = torch.arange(first + self.rank, min(first + self.batch_size, used), self.world_size, device=device)
             index = order[picked]
             images = self.images[index]
+            originals = images.clone() if self.originals_too else None
             if self.jpeg_versions is not None:
                 swap = compressed[picked]
                 images[swap] = self.jpeg_versions[version[picked][swap], index[swap]]
-            if augment:
-                images = crop_flip(images, self.size, dy[picked], dx[picked], mirrored[picked])
-            images = normalize(images, self.mean, self.std, self.dtype)
-            if self.cutout:
-                images = cut_out(images, self.cutout, cy[picked], cx[picked])
-            if self.resize_to and self.resize_to != self.size:
-                images = F.interpolate(images, size=(self.resize_to,) * 2, mode="bilinear", antialias=True)
-            yield images.contiguous(memory_format=self.memory_format), self.labels[index]
+            augmented = (dy[picked], dx[picked], mirrored[picked]) if augment else None
+            squares = (cy[picked], cx[picked]) if self.cutout else None
+            images = self.finish(images, augmented, squares)
+            if originals is None:
+                yield images, self.labels[index]
+            else:
+                yield images, self.labels[index], self.finish(originals, augmented, squares)
+
+    def finish(self, images: torch.Tensor, augmented: tuple | None, squares: tuple | None) -> torch.Tensor:
+        """Picked uint8 images as the model takes them: cropped and flipped by `augmented` (dy, dx,
+        mirrored), normalised, cut out at `squares` (cy, cx), resized, in the model's memory format."""
+        if augmented:
+            images = crop_flip(images, self.size, *augmented)
+        images = normalize(images, self.mean, self.std, self.dtype)
+        if squares:
+            images = cut_out(images, self.cutout, *squares)
+        if self.resize_to and self.resize_to != self.size:
+            images = F.interpolate(images, size=(self.resize_to,) * 2, mode="bilinear", antialias=True)
+        return images.contiguous(memory_format=self.memory_format)

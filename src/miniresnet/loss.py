@@ -88,7 +88,8 @@ def refuse_other_teacher(record: dict | None, saved: dict | None, run_dir: str |
 @dataclass(frozen=True)
 class TrainingLoss:
     """loss(logits, x, y): the mean cross-entropy against the labels `y` with `label_smoothing`;
-    with a `teacher`, (1 - weight) of it plus `weight` times the distillation term on the batch `x`."""
+    with a `teacher`, (1 - weight) of it plus `weight` times the distillation term, the teacher
+    seeing the batch `x` (the model's own input, or the same images before JPEG compression)."""
 
     label_smoothing: float = 0.0
     teacher: Teacher | None = None

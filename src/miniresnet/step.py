@@ -63,49 +63,55 @@ class GraphStep:
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr * body_lr_scale if group.get("body") else lr)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, teacher_x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on (x, y); a teacher (if the loss has one) sees `teacher_x`, by default x."""
         if not self.capture or len(x) != self.batch_size:
             self.optimizer.zero_grad(set_to_none=True)
-            return self.compute(x, y)
-        key = (tuple(x.shape), x.stride())
+            return self.compute(x, y, teacher_x)
+        key = (tuple(x.shape), x.stride(), teacher_x is None)
         if key not in self.recorded:
-            self.recorded[key] = self.record(x, y)
-        graph, static_x, static_y, loss, logits = self.recorded[key]
-        static_x.copy_(x)
-        static_y.copy_(y)
+            self.recorded[key] = self.record(x, y, teacher_x)
+        graph, inputs, loss, logits = self.recorded[key]
+        given = tuple(t for t in (x, y, teacher_x) if t is not None)
+        for static, batch in zip(inputs, given, strict=True):
+            static.copy_(batch)
         graph.replay()
         return loss, logits
 
-    def compute(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute(
+        self, x: torch.Tensor, y: torch.Tensor, teacher_x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The step itself; the gradients must be None (or zero) before it."""
         # No autocast cache: a cast cached while recording would go stale as the weights change.
         autocast = self.precision.autocast
         cast = torch.autocast(x.device.type, autocast, cache_enabled=False) if autocast else contextlib.nullcontext()
         with cast:
             logits = self.model(x)
-            loss = self.loss_fn(logits, x, y)
+            loss = self.loss_fn(logits, x if teacher_x is None else teacher_x, y)
         loss.backward()
         self.optimizer.step()
         return loss.detach(), logits.detach()
 
-    def record(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    def record(self, x: torch.Tensor, y: torch.Tensor, teacher_x: torch.Tensor | None) -> tuple:
         """Warm up, put everything back, and record the step for batches shaped like (x, y)."""
-        static_x, static_y = x.clone(), y.clone()
+        inputs = tuple(t.clone() for t in (x, y, teacher_x) if t is not None)  # the graph's own input tensors
         saved = self._snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
                 self.optimizer.zero_grad(set_to_none=True)
-                self.compute(static_x, static_y)
+                self.compute(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         self._restore(saved)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # the recorded backward writes fresh gradients
         with torch.cuda.graph(graph):
-            loss, logits = self.compute(static_x, static_y)
+            loss, logits = self.compute(*inputs)
         # Recording ran nothing: the first real step is this batch's replay (by the caller).
-        return graph, static_x, static_y, loss, logits
+        return graph, inputs, loss, logits
 
     def _snapshot(self) -> dict:
         """Copies of everything a step changes: weights, BatchNorm statistics and optimizer state."""

@@ -232,6 +232,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         world_size=ddp.world_size,
         jpeg_versions=data.jpeg_versions,
         jpeg_p=cfg.jpeg_p,
+        originals_too=cfg.teacher_sees_original,
     )
     if loader.left_out:
         n = len(data.train_labels)
@@ -620,6 +621,8 @@ def teacher_line(cfg: TrainConfig, record: dict) -> str:
     if cfg.downscale_epochs:
         size = cfg.downscale_size
         line += f"; in the first {cfg.downscale_epochs} epochs it sees the same {size}x{size} images as the model"
+    if cfg.teacher_sees_original:
+        line += "; where the model sees a JPEG-compressed image, the teacher sees the original"
     return line
 
 
@@ -754,17 +757,18 @@ def train_steps(
         dynamic_ncols=True,
     )
     start, seen_before = time.perf_counter(), tally.seen
-    for x, y in bar:
+    for x, y, *originals in bar:  # originals: what a teacher sees instead of x (--teacher-sees-original)
+        teacher_x = originals[0] if originals else x
         lr = lr_at_step(epoch * len(loader) + tally.step)
         if graph_step:
             graph_step.set_lr(lr, body_lr_scale)
-            loss, logits = graph_step(x, y)
+            loss, logits = graph_step(x, y, teacher_x)
         else:
             for group in optimizer.param_groups:
                 group["lr"] = lr * body_lr_scale if group.get("body") else lr
             with autocast(x.device, precision):
                 logits = model(x)
-                loss = loss_fn(logits, x, y)
+                loss = loss_fn(logits, teacher_x, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # with fp16: skipped when a gradient overflowed; else optimizer.step()
