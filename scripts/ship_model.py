@@ -120,8 +120,37 @@ def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str,
         "jpeg75_test_accuracy": {"plain": jpeg_plain["accuracy"], "tta": jpeg_tta["accuracy"]},
         "calibration": calibration(model, data.test_images, data.test_labels),
         "run_reported": {"test_acc": summary["test_acc"], "test_acc_plain": summary["test_acc_plain"]},
+        "teacher": teacher_of(summary),
         "evaluated_on": describe_machine(torch.device("cpu")),
     }
+
+
+def teacher_of(summary: dict) -> dict | None:
+    """What a distilled run learned from: the run's record of its teacher (name, sha256, architecture)
+    and, for a shipped model of that sha256, its test accuracy, epochs and training time from its card."""
+    record = summary.get("teacher")
+    if not record:
+        return None
+    card = shipped_cards().get(record["model"])
+    if card and card["sha256"] == record["sha256"]:
+        record = record | {k: card[k] for k in ("test_accuracy", "epochs", "train_seconds", "command")}
+    return {k: v for k, v in record.items() if k != "classes"}
+
+
+def teacher_text(card: dict) -> str:
+    """The recipe line's sentence about a distilled model's teacher (empty without one)."""
+    teacher = card.get("teacher")
+    if not teacher:
+        return ""
+    widths = "/".join(map(str, teacher["arch"]["widths"]))
+    text = f" It learned from the teacher `{teacher['model']}` (Mini-ResNet {widths}, sha256 `{teacher['sha256'][:12]}`"
+    if "test_accuracy" in teacher:
+        accuracy = teacher["test_accuracy"]
+        text += (
+            f"; {accuracy['plain']:.2%} / {accuracy['tta']:.2%} with TTA on the test set, {teacher['epochs']} epochs, "
+            f"{teacher['train_seconds']:,.0f} s, trained by `{teacher['command']}`"
+        )
+    return text + "), whose training counts in its cost too."
 
 
 def accuracy_row(name: str, card: dict) -> str:
@@ -175,6 +204,7 @@ def model_card_markdown(cards: dict[str, dict]) -> str:
     recipes = "\n".join(
         f"- `{n}`: {c['description']}. Trained with `{c['command']}` at commit `{c['commit'][:12]}`, "
         f"torch {c['trained_on']['torch']}, {c['trained_on']['threads']} threads; sha256 `{c['sha256']}`."
+        + teacher_text(c)
         + (f" {c['note']}" if c.get("note") else "")
         for n, c in cards.items()
     )

@@ -91,8 +91,8 @@ class TrainConfig:
     distill_temperature: float = _opt(4.0, "with --teacher: the temperature both models' probabilities are softened by")
     teacher_sees_original: bool = _opt(
         False,
-        "with --teacher and --jpeg-p: the teacher sees each image as it was before JPEG compression (the same "
-        "crop, flip and size), so the model learns to answer for a compressed image what the teacher answers "
+        "with --teacher and --jpeg-p: the teacher sees each image as it was before JPEG compression (with the same "
+        "crop, flip, cutout and size), so the model learns to answer for a compressed image what the teacher answers "
         "for the original",
     )
     downscale_epochs: int = _opt(
