@@ -38,8 +38,10 @@ DESCRIPTIONS = {
     "Nesterov SGD, label smoothing, cutout, flip-translate TTA)",
     "seed": "the `seed` preset: the spec's recipe exactly (25 epochs, Adam, crop and flip, no TTA)",
     "best-jpeg": "the `best` preset with JPEG augmentation (each epoch, half the training images replaced by one "
-    "of 4 JPEG versions at qualities 40-95) and the last 5,000 training images held out to fit its temperature: "
-    "less accurate than `best` on clean images, far more on JPEG-compressed ones, and calibrated probabilities",
+    "of 4 JPEG versions at qualities 40-95), distilled from the shipped `best`, which sees each image before "
+    "compression (`--teacher best --teacher-sees-original`), and the last 5,000 training images held out to fit "
+    "its temperature: less accurate than `best` on clean images, far more on JPEG-compressed ones, and calibrated "
+    "probabilities",
 }
 
 
