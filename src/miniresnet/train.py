@@ -758,17 +758,16 @@ def train_steps(
     )
     start, seen_before = time.perf_counter(), tally.seen
     for x, y, *originals in bar:  # originals: what a teacher sees instead of x (--teacher-sees-original)
-        teacher_x = originals[0] if originals else x
         lr = lr_at_step(epoch * len(loader) + tally.step)
         if graph_step:
             graph_step.set_lr(lr, body_lr_scale)
-            loss, logits = graph_step(x, y, teacher_x)
+            loss, logits = graph_step(x, y, *originals)  # no originals: no third static input to copy
         else:
             for group in optimizer.param_groups:
                 group["lr"] = lr * body_lr_scale if group.get("body") else lr
             with autocast(x.device, precision):
                 logits = model(x)
-                loss = loss_fn(logits, teacher_x, y)
+                loss = loss_fn(logits, originals[0] if originals else x, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # with fp16: skipped when a gradient overflowed; else optimizer.step()
