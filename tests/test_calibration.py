@@ -122,3 +122,41 @@ def test_evaluate_on_jpeg_compressed_images(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--jpeg-quality", "0"])
     assert "a JPEG quality is between 1 and 100, got 0" in capsys.readouterr().err
+
+
+def test_evaluate_on_the_validation_split_a_run_held_out(tiny_data, tmp_path, capsys):
+    """`evaluate --val-split N` scores the model on the last N training images, the ones `train
+    --val-split N` held out (and fitted its temperature on), and says when the model file records
+    another split or none."""
+    from miniresnet.data import load_dataset
+    from miniresnet.evaluate import metrics
+    from miniresnet.runtime import model_in_precision, resolve_precision
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, epochs=1, val_split=50))
+    args = ["evaluate", str(run / "last.pt"), "--data-dir", str(tiny_data), "--no-verify-data", "--json"]
+    assert main([*args, "--val-split", "50", "--precision", "fp64"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["source"] == "CIFAR-10 validation split (training images 151-200)"
+    assert "note:" not in captured.err
+    data = load_dataset("cifar10", tiny_data, verify=False)
+    fp64 = resolve_precision("fp64", torch.device("cpu"))
+    model = model_in_precision(load_model(run / "last.pt"), fp64, memory_format=torch.channels_last)
+    logits = predict_logits(model, data.train_images[150:], model.mean, model.std, precision=fp64)
+    expected = metrics(logits, data.train_labels[150:], model.classes, model.temperature)
+    assert result["n"] == 50 and result["confusion"] == expected["confusion"]
+    assert result["accuracy"] == expected["accuracy"]
+
+    assert main([*args, "--val-split", "60"]) == 0
+    assert "held out its last 50 training images, not 60: it trained on some of these" in capsys.readouterr().err
+    export = ["export", str(run / "last.pt"), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")]
+    assert main([*export, "--data-dir", str(tiny_data), "--no-verify-data"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "m.safetensors"), *args[2:], "--val-split", "50"]) == 0
+    assert "does not record which images it held out" in capsys.readouterr().err
+    assert main([*args, "--val-split", "200"]) == 1
+    assert "--val-split 200: CIFAR-10 has only 200 training images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--val-split", "50", "--image-folder", str(tmp_path)])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -168,7 +168,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"the model's {len(model.classes)} classes are not {data.name}'s {len(data.classes)}: "
                 f"evaluate it on the data it was trained for (--dataset, --labels) or on an --image-folder"
             )
-        images, labels, source = data.test_images, data.test_labels, f"{data.name} test set"
+        if args.val_split:
+            images, labels, source = validation_split(data, args.val_split, args.checkpoint)
+        else:
+            images, labels, source = data.test_images, data.test_labels, f"{data.name} test set"
     if args.jpeg_quality is not None:
         from .images import jpeg_roundtrip
 
@@ -195,6 +198,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, row in zip(model.classes, result["confusion"], strict=True):
         print(f"{name:<12}" + "".join(f"{v:>6}" for v in row))
     return 0
+
+
+def validation_split(data, n: int, model_source: str):
+    """The last `n` training images and their labels, the ones `train --val-split n` holds out, and
+    their description. A model that trained on them scores too well on them: say so where the
+    model file records another split, and that it cannot be checked where it records none."""
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .safetensors_file import looks_like_safetensors
+
+    total = len(data.train_labels)
+    if n >= total:
+        raise MiniResNetError(f"--val-split {n}: {data.name} has only {total:,} training images")
+    path = Path(model_source)
+    held_out = None
+    if path.is_file() and not looks_like_safetensors(path):
+        held_out = load_checkpoint(path).get("config", {}).get("val_split")
+    if held_out is None:
+        print(
+            f"note: {model_source} does not record which images it held out; if it trained on these {n:,}, "
+            "its figures here flatter it",
+            file=sys.stderr,
+        )
+    elif held_out != n:
+        print(
+            f"note: {model_source} held out its last {held_out:,} training images, not {n:,}: "
+            + ("it trained on some of these, so its figures here flatter it" if held_out < n else "a subset of them"),
+            file=sys.stderr,
+        )
+    source = f"{data.name} validation split (training images {total - n + 1:,}-{total:,})"
+    return data.train_images[total - n :], data.train_labels[total - n :], source
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -443,10 +478,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", choices=DATASETS, default="cifar10", help="whose test set to evaluate on")
     evaluate.add_argument("--labels", choices=LABEL_KINDS, default="fine", help="CIFAR-100: fine or coarse classes")
     evaluate.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-bin/ (or the like)")
-    evaluate.add_argument(
+    evaluated_images = evaluate.add_mutually_exclusive_group()
+    evaluated_images.add_argument(
         "--image-folder",
         metavar="DIR",
         help="evaluate on DIR/<class name>/<images> (any of the model's classes) instead of a test set",
+    )
+    evaluated_images.add_argument(
+        "--val-split",
+        type=positive_int,
+        metavar="N",
+        help="evaluate on the last N training images (those `train --val-split N` held out) instead of the test set",
     )
     evaluate.add_argument("--cache-dir", help="where prepared folder images are cached (default ~/.cache/miniresnet)")
     evaluate.add_argument(
