@@ -214,18 +214,20 @@ def validation_split(data, n: int, model_source: str):
         raise MiniResNetError(f"--val-split {n}: {data.name} has only {total:,} training images")
     path = Path(model_source)
     held_out = None
-    if path.is_file() and not looks_like_safetensors(path):
-        held_out = load_checkpoint(path).get("config", {}).get("val_split")
-    if held_out is None:
+    if path.is_file() and not looks_like_safetensors(path):  # a checkpoint records its run's config
+        config = load_checkpoint(path).get("config")
+        held_out = config.get("val_split") if isinstance(config, dict) else None
+    if not isinstance(held_out, int):
         print(
             f"note: {model_source} does not record which images it held out; if it trained on these {n:,}, "
             "its figures here flatter it",
             file=sys.stderr,
         )
-    elif held_out != n:
+    elif held_out < n:
+        trained_on = "all" if held_out == 0 else f"{n - held_out:,}"
         print(
-            f"note: {model_source} held out its last {held_out:,} training images, not {n:,}: "
-            + ("it trained on some of these, so its figures here flatter it" if held_out < n else "a subset of them"),
+            f"note: {model_source} held out {held_out:,} training images, not {n:,}: it trained on {trained_on} "
+            "of these, so its figures here flatter it",
             file=sys.stderr,
         )
     source = f"{data.name} validation split (training images {total - n + 1:,}-{total:,})"
