@@ -34,7 +34,7 @@ def image_sets(data, val_split: int) -> dict[str, tuple[torch.Tensor, torch.Tens
     """The evaluated images by split: the test set, and the last `val_split` training images."""
     sets = {"test": (data.test_images, data.test_labels)}
     if val_split:
-        sets["val"] = (data.train_images[-val_split:], data.train_labels[-val_split:])
+        sets["val"] = data.split_validation(val_split)[1]
     return sets
 
 

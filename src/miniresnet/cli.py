@@ -230,8 +230,8 @@ def validation_split(data, n: int, model_source: str):
             "of these, so its figures here flatter it",
             file=sys.stderr,
         )
-    source = f"{data.name} validation split (training images {total - n + 1:,}-{total:,})"
-    return data.train_images[total - n :], data.train_labels[total - n :], source
+    _, (images, labels) = data.split_validation(n)
+    return images, labels, f"{data.name} validation split (training images {total - n + 1:,}-{total:,})"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

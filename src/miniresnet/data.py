@@ -106,6 +106,13 @@ class ImageSet:
     classes: tuple[str, ...] = CLASSES
     name: str = "CIFAR-10"
 
+    def split_validation(self, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """((images, labels) to train on, (images, labels) held out): the last `n` training images
+        are held out. `train --val-split n` and `evaluate --val-split n` both split here."""
+        kept = len(self.train_labels) - n
+        images, labels = self.train_images, self.train_labels
+        return (images[:kept], labels[:kept]), (images[kept:], labels[kept:])
+
 
 def md5sum(path: Path) -> str:
     return hexdigest(path, "md5")

@@ -470,11 +470,10 @@ def prepare_data(cfg: TrainConfig) -> TrainingData:
             cfg.dataset, cfg.data_dir, cfg.labels, verify=cfg.verify_data, download=cfg.download, progress=not cfg.quiet
         )
     cfg.validate(train_size=len(data.train_labels))
-    n_train = len(data.train_labels) - cfg.val_split
+    (train_images, train_labels), held_out = data.split_validation(cfg.val_split)
     eval_sets = {"test": (data.test_images, data.test_labels)}
     if cfg.val_split:
-        eval_sets["val"] = (data.train_images[n_train:], data.train_labels[n_train:])
-    train_images, train_labels = data.train_images[:n_train], data.train_labels[:n_train]
+        eval_sets["val"] = held_out
     mean, std = channel_stats(train_images)
     versions = None
     if cfg.jpeg_p > 0:  # JPEG augmentation is data: compressed versions beside the originals, made once
