@@ -133,6 +133,8 @@ def teacher_of(summary: dict) -> dict | None:
     record = summary.get("teacher")
     if not record:
         return None
+    if "members" in record:  # an ensemble: each member as a single teacher is described
+        return record | {"members": [teacher_of({"teacher": member}) for member in record["members"]]}
     card = shipped_cards().get(record["model"])
     if card and card["sha256"] == record["sha256"]:
         record = record | {k: card[k] for k in ("test_accuracy", "epochs", "train_seconds", "command")}
@@ -144,15 +146,24 @@ def teacher_text(card: dict) -> str:
     teacher = card.get("teacher")
     if not teacher:
         return ""
+    members = teacher.get("members", [teacher])
+    described = " and ".join(member_text(member) for member in members)
+    if len(members) == 1:
+        return f" It learned from the teacher {described}, whose training counts in its cost too."
+    return f" It learned from the mean logits of the teachers {described}; their training counts in its cost too."
+
+
+def member_text(teacher: dict) -> str:
+    """One teacher: its name, architecture, sha256 and, for a shipped model, how it was trained."""
     widths = "/".join(map(str, teacher["arch"]["widths"]))
-    text = f" It learned from the teacher `{teacher['model']}` (Mini-ResNet {widths}, sha256 `{teacher['sha256'][:12]}`"
+    text = f"`{teacher['model']}` (Mini-ResNet {widths}, sha256 `{teacher['sha256'][:12]}`"
     if "test_accuracy" in teacher:
         accuracy = teacher["test_accuracy"]
         text += (
             f"; {accuracy['plain']:.2%} / {accuracy['tta']:.2%} with TTA on the test set, {teacher['epochs']} epochs, "
             f"{teacher['train_seconds']:,.0f} s, trained by `{teacher['command']}`"
         )
-    return text + "), whose training counts in its cost too."
+    return text + ")"
 
 
 def accuracy_row(name: str, card: dict) -> str:

@@ -231,3 +231,47 @@ def test_a_teacher_that_sees_the_originals_is_given_them(tiny_data, tmp_path, te
     train(dataclasses.replace(cfg, teacher_sees_original=True, cache_dir=str(tmp_path), quiet=False))
     assert seen[-1] == "epoch checked"
     assert "where the model sees a JPEG-compressed image, the teacher sees the original" in capsys.readouterr().err
+
+
+def test_an_ensemble_of_teachers_answers_with_the_mean_of_their_logits(tmp_path):
+    """--teacher a,b: the teacher's logits are the mean of each member's logits (each renormalised
+    its own way), compared in float64; the record names each member and hashes them in any order."""
+    torch.manual_seed(5)
+    classes = tuple(str(i) for i in range(10))
+    members = []
+    for name, widths, mean in (("a", (4, 8, 8), [0.5, 0.4, 0.3]), ("b", (8, 8, 16), [0.4, 0.5, 0.45])):
+        model = MiniResNet(widths, 1)
+        state = {"format": FORMAT, "arch": model.arch(), "weights": model.state_dict(), "classes": list(classes)}
+        torch.save(state | {"mean": mean, "std": [0.25, 0.2, 0.3]}, tmp_path / f"{name}.pt")
+        members.append((model.double().eval(), torch.tensor(mean, dtype=torch.float64)))
+    student_mean, student_std = torch.tensor([0.45, 0.46, 0.41]), torch.tensor([0.22, 0.21, 0.24])
+    source = f"{tmp_path / 'a.pt'}, {tmp_path / 'b.pt'}"
+    ensemble, record = load_teacher(source, classes, 32, student_mean, student_std)
+    pixels = torch.rand(5, 3, 32, 32, dtype=torch.float64)
+    student_x = (pixels - student_mean.double().view(1, 3, 1, 1)) / student_std.double().view(1, 3, 1, 1)
+    teacher_std = torch.tensor([0.25, 0.2, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
+    expected = sum(model((pixels - mean.view(1, 3, 1, 1)) / teacher_std) for model, mean in members) / 2
+    torch.testing.assert_close(ensemble.double()(student_x), expected)
+    assert [m["arch"]["widths"] for m in record["members"]] == [[4, 8, 8], [8, 8, 16]]
+    assert record["model"] == source and len(record["sha256"]) == 64
+    _, swapped = load_teacher(f"{tmp_path / 'b.pt'},{tmp_path / 'a.pt'}", classes, 32, student_mean, student_std)
+    assert swapped["sha256"] == record["sha256"]  # the mean does not depend on the order
+    _, alone = load_teacher(str(tmp_path / "a.pt"), classes, 32, student_mean, student_std)
+    assert alone["sha256"] != record["sha256"]
+    for bad in (f"{tmp_path / 'a.pt'},", f"{tmp_path / 'a.pt'},{tmp_path / 'a.pt'}"):
+        with pytest.raises(MiniResNetError, match="name each model of an ensemble once"):
+            load_teacher(bad, classes, 32, student_mean, student_std)
+
+
+def test_a_run_distilled_from_an_ensemble_records_and_names_each_member(tiny_data, tmp_path, teacher_file, capsys):
+    second = tmp_path / "second-teacher"
+    train(tiny_config(tiny_data, second, epochs=1, widths=(8, 8, 16), seed=1))
+    source = f"{teacher_file},{second / 'last.pt'}"
+    out = tmp_path / "student"
+    summary = train(dataclasses.replace(tiny_config(tiny_data, out, epochs=1, teacher=source), quiet=False))
+    recorded = json.loads((out / "config.json").read_text())["resolved"]["teacher"]
+    assert recorded == summary["teacher"] == load_checkpoint(out / "last.pt")["teacher"]
+    assert [m["model"] for m in recorded["members"]] == [str(teacher_file), str(second / "last.pt")]
+    assert "learning from the mean logits of the teachers " in capsys.readouterr().err
+    single = train(tiny_config(tiny_data, tmp_path / "single", epochs=1, teacher=str(teacher_file)))
+    assert single["test_loss"] != summary["test_loss"]  # the second member changes what is learned

@@ -83,7 +83,7 @@ class TrainConfig:
         "",
         "knowledge distillation: also match this trained model's softened probabilities on each "
         "augmented batch (a shipped name, a checkpoint or a safetensors export of the same classes; it may be "
-        "wider or deeper)",
+        "wider or deeper); several separated by commas (best,best-jpeg) teach as one, their logits averaged",
     )
     distill_weight: float = _opt(
         0.5, "with --teacher: the weight of the distillation term; the labels' cross-entropy gets the rest"

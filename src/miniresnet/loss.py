@@ -4,12 +4,14 @@ on the same augmented batch, both softened by a temperature T. The distillation 
 T^2 so that its gradients keep their size as T changes.
 
 The teacher is any trained MiniResNet of the same classes (wider or deeper ones too), read from a
-shipped name, a checkpoint or an export. It sees each batch as the student does, renormalised
-from the student's mean and std to its own.
+shipped name, a checkpoint or an export, or several of them ("best,best-jpeg"), whose logits are
+averaged: an ensemble answers better than each of its members. It sees each batch as the student
+does, renormalised from the student's mean and std to its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +40,39 @@ class Teacher(nn.Module):
         return at_least_fp32(self.model(x * self.scale.to(x.dtype) + self.shift.to(x.dtype)))
 
 
+class Ensemble(nn.Module):
+    """Several teachers answering as one: the mean of their logits."""
+
+    def __init__(self, teachers: list[Teacher]) -> None:
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([teacher(x) for teacher in self.teachers]).mean(dim=0)
+
+
 def load_teacher(
     source: str, classes: tuple[str, ...], image_size: int, mean: torch.Tensor, std: torch.Tensor
-) -> tuple[Teacher, dict]:
+) -> tuple[Teacher | Ensemble, dict]:
     """The teacher named by `source` for a student of these classes, image size and input
-    normalisation, and what the run records about it (name, sha256, architecture, classes)."""
+    normalisation, and what the run records about it (name, sha256, architecture, classes).
+    Several models separated by commas make an ensemble, recorded with each member's record and
+    one sha256 over theirs (what a resume compares)."""
+    names = [name.strip() for name in source.split(",")]
+    if len(names) == 1:
+        return load_one_teacher(source, classes, image_size, mean, std)
+    if not all(names) or len(set(names)) < len(names):
+        raise MiniResNetError(f"--teacher {source}: name each model of an ensemble once, separated by commas")
+    loaded = [load_one_teacher(name, classes, image_size, mean, std) for name in names]
+    members = [record for _, record in loaded]
+    sha256 = hashlib.sha256(",".join(sorted(member["sha256"] for member in members)).encode()).hexdigest()
+    return Ensemble([teacher for teacher, _ in loaded]), {"model": source, "sha256": sha256, "members": members}
+
+
+def load_one_teacher(
+    source: str, classes: tuple[str, ...], image_size: int, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[Teacher, dict]:
+    """One model of a teacher (see load_teacher)."""
     from .checkpoint import model_file_sha256, model_from_checkpoint, read_model
 
     model = model_from_checkpoint(read_model(source), source)
@@ -92,7 +122,7 @@ class TrainingLoss:
     seeing the batch `x` (the model's own input, or the same images before JPEG compression)."""
 
     label_smoothing: float = 0.0
-    teacher: Teacher | None = None
+    teacher: Teacher | Ensemble | None = None
     weight: float = 0.5
     temperature: float = 4.0
 

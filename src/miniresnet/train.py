@@ -613,10 +613,12 @@ def training_loss(
 
 def teacher_line(cfg: TrainConfig, record: dict) -> str:
     """The log line that names the teacher, and what it sees during progressive resizing."""
-    line = (
-        f"learning from the teacher {cfg.teacher} (sha256 {record['sha256'][:12]}..., MiniResNet"
-        f"{tuple(record['arch']['widths'])}) as well as the labels; train_loss is the weighted sum"
+    members = record.get("members", [record])
+    named = " and ".join(
+        f"{m['model']} (sha256 {m['sha256'][:12]}..., MiniResNet{tuple(m['arch']['widths'])})" for m in members
     )
+    teacher = f"the mean logits of the teachers {named}" if len(members) > 1 else f"the teacher {named}"
+    line = f"learning from {teacher} as well as the labels; train_loss is the weighted sum"
     if cfg.downscale_epochs:
         size = cfg.downscale_size
         line += f"; in the first {cfg.downscale_epochs} epochs it sees the same {size}x{size} images as the model"
