@@ -7,6 +7,9 @@ models are compared without the test set).
     python benchmarks/model_figures.py runs/a/last.pt runs/b/last.pt best-jpeg --data-dir ../shared/cifar10 \
         --val-split 5000 --out benchmarks/results/figures.json
 
+A name `a,b` is the ensemble of those models, the mean of their logits (uncalibrated): what a
+student of `--teacher a,b` learns from.
+
 The figures are those of `miniresnet evaluate MODEL --precision fp32 [--tta flip-translate]
 [--jpeg-quality Q] [--val-split N]`, computed here with each set of images encoded once for all
 models. Prints a table and writes one JSON file.
@@ -38,29 +41,36 @@ def image_sets(data, val_split: int) -> dict[str, tuple[torch.Tensor, torch.Tens
     return sets
 
 
-def figures(model, images: torch.Tensor, labels: torch.Tensor, compressed: dict[int, torch.Tensor], fp32) -> dict:
-    """{column: {"accuracy", "ece"}} for one model (in fp32) on one split."""
+def figures(members: list, images: torch.Tensor, labels: torch.Tensor, compressed: dict, fp32) -> dict:
+    """{column: {"accuracy", "ece"}} for one model (in fp32) on one split. Several `members` (an
+    ensemble, as `--teacher a,b` uses one) answer with the mean of their logits, uncalibrated."""
     row = {}
     for column in COLUMNS:
         shown = compressed[int(column[1:])] if column.startswith("q") else images
         tta = "flip-translate" if column == "clean_tta" else "none"
-        logits = predict_logits(model, shown, model.mean, model.std, precision=fp32, tta=tta)
-        result = metrics(logits, labels, model.classes, model.temperature)
+        logits = [predict_logits(m, shown, m.mean, m.std, precision=fp32, tta=tta).double() for m in members]
+        temperature = members[0].temperature if len(members) == 1 else 1.0
+        result = metrics(sum(logits) / len(logits), labels, members[0].classes, temperature)
         row[column] = {"accuracy": result["accuracy"], "ece": result["ece"]}
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="checkpoints, safetensors exports or shipped models' names")
+    parser.add_argument(
+        "models", nargs="+", help="checkpoints, safetensors exports or shipped models' names; a,b: their ensemble"
+    )
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--val-split", type=int, default=0, help="also evaluate on the last N training images")
     parser.add_argument("--out", required=True, help="the JSON file to write")
     args = parser.parse_args()
     data = load_dataset("cifar10", args.data_dir)
     fp32 = resolve_precision("fp32", torch.device("cpu"))
-    models = {name: load_model(name) for name in args.models}
-    models = {name: model_in_precision(m, fp32, memory_format=torch.channels_last) for name, m in models.items()}
+    models = {name: [load_model(member.strip()) for member in name.split(",")] for name in args.models}
+    models = {
+        name: [model_in_precision(m, fp32, memory_format=torch.channels_last) for m in members]
+        for name, members in models.items()
+    }
     table = {name: {} for name in args.models}
     for split, (images, labels) in image_sets(data, args.val_split).items():
         compressed = {q: jpeg_roundtrip(images, q) for q in QUALITIES}
