@@ -149,6 +149,29 @@ def test_the_shipped_models_and_the_model_card_agree():
     assert (ROOT / "MODEL_CARD.md").read_text() == model_card_markdown(SHIPPED)
 
 
+def test_a_card_names_each_teacher_of_an_ensemble():
+    """A model distilled from `--teacher best,best-jpeg`: its card's recipe line names both members,
+    each with what its own card says of it, where a single teacher's line names one."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from ship_model import teacher_of, teacher_text
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    members = [
+        {"model": name, "sha256": SHIPPED[name]["sha256"], "arch": SHIPPED[name]["architecture"]}
+        for name in ("best", "best-jpeg")
+    ]
+    teacher = teacher_of({"teacher": {"model": "best,best-jpeg", "sha256": "0" * 64, "members": members}})
+    text = teacher_text({"teacher": teacher})
+    assert text.startswith(" It learned from the mean logits of the teachers `best` (")
+    for name in ("best", "best-jpeg"):
+        card = SHIPPED[name]
+        assert f"`{name}` (Mini-ResNet 16/32/64, sha256 `{card['sha256'][:12]}`; " in text
+        assert f"{card['test_accuracy']['plain']:.2%}" in text and f"trained by `{card['command']}`" in text
+    alone = teacher_text({"teacher": teacher_of({"teacher": members[0]})})
+    assert alone.startswith(" It learned from the teacher `best` (") and "best-jpeg" not in alone
+
+
 def test_each_card_command_still_trains_what_made_its_model():
     """Presets change; a card's command must still mean its run (epochs, TTA) with today's presets."""
     for name, card in SHIPPED.items():
