@@ -27,6 +27,7 @@ from miniresnet import load_model
 from miniresnet.data import load_dataset
 from miniresnet.evaluate import metrics, predict_logits
 from miniresnet.images import jpeg_roundtrip
+from miniresnet.loss import teacher_names
 from miniresnet.runtime import describe_machine, model_in_precision, resolve_precision
 
 QUALITIES = (90, 75, 50)
@@ -66,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     data = load_dataset("cifar10", args.data_dir)
     fp32 = resolve_precision("fp32", torch.device("cpu"))
-    models = {name: [load_model(member.strip()) for member in name.split(",")] for name in args.models}
+    models = {name: [load_model(member) for member in teacher_names(name)] for name in args.models}
     models = {
         name: [model_in_precision(m, fp32, memory_format=torch.channels_last) for m in members]
         for name, members in models.items()
@@ -74,8 +75,8 @@ def main() -> None:
     table = {name: {} for name in args.models}
     for split, (images, labels) in image_sets(data, args.val_split).items():
         compressed = {q: jpeg_roundtrip(images, q) for q in QUALITIES}
-        for name, model in models.items():
-            table[name][split] = figures(model, images, labels, compressed, fp32)
+        for name, members in models.items():
+            table[name][split] = figures(members, images, labels, compressed, fp32)
             row = table[name][split]
             cells = "  ".join(f"{c} {100 * v['accuracy']:.2f} (ECE {100 * v['ece']:.2f})" for c, v in row.items())
             print(f"{split:<5} {name}: {cells}", flush=True)

@@ -58,15 +58,23 @@ def load_teacher(
     normalisation, and what the run records about it (name, sha256, architecture, classes).
     Several models separated by commas make an ensemble, recorded with each member's record and
     one sha256 over theirs (what a resume compares)."""
-    names = [name.strip() for name in source.split(",")]
+    names = teacher_names(source)
     if len(names) == 1:
         return load_one_teacher(source, classes, image_size, mean, std)
-    if not all(names) or len(set(names)) < len(names):
-        raise MiniResNetError(f"--teacher {source}: name each model of an ensemble once, separated by commas")
     loaded = [load_one_teacher(name, classes, image_size, mean, std) for name in names]
     members = [record for _, record in loaded]
     sha256 = hashlib.sha256(",".join(sorted(member["sha256"] for member in members)).encode()).hexdigest()
     return Ensemble([teacher for teacher, _ in loaded]), {"model": source, "sha256": sha256, "members": members}
+
+
+def teacher_names(source: str) -> list[str]:
+    """The models `--teacher source` names: one, or several separated by commas (an ensemble)."""
+    names = [name.strip() for name in source.split(",")]
+    if len(names) == 1:
+        return [source]
+    if not all(names) or len(set(names)) < len(names):
+        raise MiniResNetError(f"--teacher {source}: name each model of an ensemble once, separated by commas")
+    return names
 
 
 def load_one_teacher(
