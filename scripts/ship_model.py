@@ -40,8 +40,9 @@ DESCRIPTIONS = {
     "best-jpeg": "the `best` preset with JPEG augmentation (each epoch, half the training images replaced by one "
     "of 4 JPEG versions at qualities 40-95), distilled from the shipped `best`, which sees each image before "
     "compression (`--teacher best --teacher-sees-original`), and the last 5,000 training images held out to fit "
-    "its temperature: less accurate than `best` on clean images, far more on JPEG-compressed ones, and calibrated "
-    "probabilities",
+    "its temperature; then 30 epochs more, the same way, starting from the model that recipe made (warm-up to a "
+    "twentieth of the `best` preset's peak learning rate, then linear decay): less accurate than `best` on clean "
+    "images, far more on JPEG-compressed ones, and calibrated probabilities",
 }
 
 
@@ -59,9 +60,12 @@ def jpeg_copy(images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ..
 
 
 def portable(text: str, name: str) -> str:
-    """A command or note without the training machine's directories: DIR for the data, runs/NAME for the run."""
+    """A command or note without the training machine's directories: DIR for the data, runs/NAME for
+    the run's own directory (--out, --resume), and any other run directory (such as an --init) under
+    runs/ by its own name."""
     text = re.sub(r"--data-dir \S+", "--data-dir DIR", text)
-    return re.sub(r"(--out |--resume )?\S*/?runs/[\w.-]+", lambda m: f"{m.group(1) or ''}runs/{name}", text)
+    text = re.sub(r"(--out|--resume) \S*/?runs/[\w.-]+", lambda m: f"{m.group(1)} runs/{name}", text)
+    return re.sub(r"\S*/runs/([\w.-]+)", r"runs/\1", text)
 
 
 def calibration(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -123,6 +127,7 @@ def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str,
         "calibration": calibration(model, data.test_images, data.test_labels),
         "run_reported": {"test_acc": summary["test_acc"], "test_acc_plain": summary["test_acc_plain"]},
         "teacher": teacher_of(summary),
+        "init": init_of(summary),
         "evaluated_on": describe_machine(torch.device("cpu")),
     }
 
@@ -135,9 +140,24 @@ def teacher_of(summary: dict) -> dict | None:
         return None
     if "members" in record:  # an ensemble: each member as a single teacher is described
         return record | {"members": [teacher_of({"teacher": member}) for member in record["members"]]}
+    return with_its_card(record)
+
+
+def init_of(summary: dict) -> dict | None:
+    """What a run started from (--init): the run's record of it (name, sha256) and, for a shipped model
+    of that sha256, how it was trained. Read before the new card is written, so a model that replaces
+    the one it started from records the one it replaced."""
+    record = summary.get("init")
+    return with_its_card(record) if record else None
+
+
+def with_its_card(record: dict) -> dict:
+    """A teacher's or initial model's record, with its card's figures and recipe where it is a shipped
+    model of the same sha256."""
     card = shipped_cards().get(record["model"])
     if card and card["sha256"] == record["sha256"]:
-        record = record | {k: card[k] for k in ("test_accuracy", "epochs", "train_seconds", "command")}
+        keys = ("test_accuracy", "epochs", "train_seconds", "command", "commit", "seed")
+        record = record | {k: card[k] for k in keys}
     return {k: v for k, v in record.items() if k != "classes"}
 
 
@@ -151,6 +171,21 @@ def teacher_text(card: dict) -> str:
     if len(members) == 1:
         return f" It learned from the teacher {described}, whose training counts in its cost too."
     return f" It learned from the mean logits of the teachers {described}; their training counts in its cost too."
+
+
+def init_text(card: dict) -> str:
+    """The recipe line's sentence about the model a run started from (empty when it started from scratch)."""
+    start = card.get("init")
+    if not start:
+        return ""
+    text = f" It started from the weights of `{start['model']}` (sha256 `{start['sha256'][:12]}`"
+    if "test_accuracy" in start:
+        accuracy = start["test_accuracy"]
+        text += (
+            f"; {accuracy['plain']:.2%} / {accuracy['tta']:.2%} with TTA on the test set, {start['epochs']} epochs, "
+            f"{start['train_seconds']:,.0f} s, trained by `{start['command']}` at commit `{start['commit'][:12]}`"
+        )
+    return text + "), whose training counts in its cost too."
 
 
 def member_text(teacher: dict) -> str:
@@ -198,6 +233,10 @@ def calibration_text(cards: dict[str, dict]) -> str:
     )
 
 
+def threads_text(threads: int) -> str:
+    return f"{threads} thread" + ("" if threads == 1 else "s")
+
+
 def hardest_classes(card: dict, count: int = 3) -> str:
     ranked = sorted(card["per_class_accuracy"].items(), key=lambda item: item[1])
     return ", ".join(f"{name} ({acc:.1%})" for name, acc in ranked[:count])
@@ -216,7 +255,8 @@ def model_card_markdown(cards: dict[str, dict]) -> str:
     )
     recipes = "\n".join(
         f"- `{n}`: {c['description']}. Trained with `{c['command']}` at commit `{c['commit'][:12]}`, "
-        f"torch {c['trained_on']['torch']}, {c['trained_on']['threads']} threads; sha256 `{c['sha256']}`."
+        f"torch {c['trained_on']['torch']}, {threads_text(c['trained_on']['threads'])}; sha256 `{c['sha256']}`."
+        + init_text(c)
         + teacher_text(c)
         + (f" {c['note']}" if c.get("note") else "")
         for n, c in cards.items()

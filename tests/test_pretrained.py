@@ -172,6 +172,44 @@ def test_a_card_names_each_teacher_of_an_ensemble():
     assert alone.startswith(" It learned from the teacher `best` (") and "best-jpeg" not in alone
 
 
+def test_a_card_names_the_model_it_started_from():
+    """A model trained on from a shipped one (--init best-jpeg): its card's recipe line names that model with
+    what its own card says (so a model that replaces it keeps its recipe); one trained from scratch says nothing."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from ship_model import init_of, init_text
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    card = SHIPPED["best-jpeg"]
+    record = {"model": "best-jpeg", "sha256": card["sha256"], "classes": card["classes"], "kept_last_layer": True}
+    start = init_of({"init": record})
+    assert start["command"] == card["command"] and start["commit"] == card["commit"] and "classes" not in start
+    text = init_text({"init": start})
+    assert text.startswith(f" It started from the weights of `best-jpeg` (sha256 `{card['sha256'][:12]}`; ")
+    assert f"trained by `{card['command']}` at commit `{card['commit'][:12]}`" in text
+    assert init_of({}) is None and init_text({"init": None}) == ""
+    other = init_text({"init": init_of({"init": record | {"sha256": "0" * 64}})})  # not the shipped file
+    assert (
+        other
+        == f" It started from the weights of `best-jpeg` (sha256 `{'0' * 12}`), whose training counts in its cost too."
+    )
+
+
+def test_a_cards_command_names_no_directory_of_the_machine_that_trained_it():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from ship_model import portable
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    command = (
+        "miniresnet train --init /work/runs/base-s0/last.pt --data-dir /work/shared/cifar10 --out /work/runs/ft-lr04"
+    )
+    expected = "miniresnet train --init runs/base-s0/last.pt --data-dir DIR --out runs/best-jpeg"
+    assert portable(command, "best-jpeg") == expected
+    assert portable(expected, "best-jpeg") == expected
+    assert portable("resumed with --resume /tmp/x/runs/best-s0", "best") == "resumed with --resume runs/best"
+
+
 def test_each_card_command_still_trains_what_made_its_model():
     """Presets change; a card's command must still mean its run (epochs, TTA) with today's presets."""
     for name, card in SHIPPED.items():
