@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -158,6 +159,12 @@ def with_its_card(record: dict) -> dict:
     if card and card["sha256"] == record["sha256"]:
         keys = ("test_accuracy", "epochs", "train_seconds", "command", "commit", "seed")
         record = record | {k: card[k] for k in keys}
+    elif card:  # such as shipping a name again after its card was replaced by a model that started from it
+        print(
+            f"warning: the run used a `{record['model']}` of sha256 {record['sha256'][:12]}, but the shipped "
+            f"`{record['model']}` is now {card['sha256'][:12]}: the card names it by its sha256 alone",
+            file=sys.stderr,
+        )
     return {k: v for k, v in record.items() if k != "classes"}
 
 

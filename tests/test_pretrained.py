@@ -172,7 +172,7 @@ def test_a_card_names_each_teacher_of_an_ensemble():
     assert alone.startswith(" It learned from the teacher `best` (") and "best-jpeg" not in alone
 
 
-def test_a_card_names_the_model_it_started_from():
+def test_a_card_names_the_model_it_started_from(capsys):
     """A model trained on from a shipped one (--init best-jpeg): its card's recipe line names that model with
     what its own card says (so a model that replaces it keeps its recipe); one trained from scratch says nothing."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -188,11 +188,13 @@ def test_a_card_names_the_model_it_started_from():
     assert text.startswith(f" It started from the weights of `best-jpeg` (sha256 `{card['sha256'][:12]}`; ")
     assert f"trained by `{card['command']}` at commit `{card['commit'][:12]}`" in text
     assert init_of({}) is None and init_text({"init": None}) == ""
+    assert "warning" not in capsys.readouterr().err
     other = init_text({"init": init_of({"init": record | {"sha256": "0" * 64}})})  # not the shipped file
     assert (
         other
         == f" It started from the weights of `best-jpeg` (sha256 `{'0' * 12}`), whose training counts in its cost too."
     )
+    assert f"the shipped `best-jpeg` is now {card['sha256'][:12]}" in capsys.readouterr().err
 
 
 def test_a_cards_command_names_no_directory_of_the_machine_that_trained_it():
