@@ -185,27 +185,28 @@ def init_text(card: dict) -> str:
     start = card.get("init")
     if not start:
         return ""
-    text = f" It started from the weights of `{start['model']}` (sha256 `{start['sha256'][:12]}`"
-    if "test_accuracy" in start:
-        accuracy = start["test_accuracy"]
-        text += (
-            f"; {accuracy['plain']:.2%} / {accuracy['tta']:.2%} with TTA on the test set, {start['epochs']} epochs, "
-            f"{start['train_seconds']:,.0f} s, trained by `{start['command']}` at commit `{start['commit'][:12]}`"
-        )
+    text = f" It started from the weights of `{start['model']}` (sha256 `{start['sha256'][:12]}`{recipe_text(start)}"
+    if "commit" in start:
+        text += f" at commit `{start['commit'][:12]}`"
     return text + "), whose training counts in its cost too."
 
 
 def member_text(teacher: dict) -> str:
     """One teacher: its name, architecture, sha256 and, for a shipped model, how it was trained."""
     widths = "/".join(map(str, teacher["arch"]["widths"]))
-    text = f"`{teacher['model']}` (Mini-ResNet {widths}, sha256 `{teacher['sha256'][:12]}`"
-    if "test_accuracy" in teacher:
-        accuracy = teacher["test_accuracy"]
-        text += (
-            f"; {accuracy['plain']:.2%} / {accuracy['tta']:.2%} with TTA on the test set, {teacher['epochs']} epochs, "
-            f"{teacher['train_seconds']:,.0f} s, trained by `{teacher['command']}`"
-        )
-    return text + ")"
+    return f"`{teacher['model']}` (Mini-ResNet {widths}, sha256 `{teacher['sha256'][:12]}`{recipe_text(teacher)})"
+
+
+def recipe_text(record: dict) -> str:
+    """For a teacher or initial model that with_its_card found shipped: its test accuracy and how it
+    was trained, from its card (empty for any other model)."""
+    if "test_accuracy" not in record:
+        return ""
+    accuracy = record["test_accuracy"]
+    return (
+        f"; {accuracy['plain']:.2%} / {accuracy['tta']:.2%} with TTA on the test set, {record['epochs']} epochs, "
+        f"{record['train_seconds']:,.0f} s, trained by `{record['command']}`"
+    )
 
 
 def accuracy_row(name: str, card: dict) -> str:

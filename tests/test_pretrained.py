@@ -25,6 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = pretrained.shipped_cards()
 
 
+def ship_model_script():
+    """scripts/ship_model.py as a module: a script beside the package, not part of it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import ship_model
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return ship_model
+
+
 def some_tensors() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return {
@@ -141,22 +151,15 @@ def test_each_shipped_file_matches_its_card(name):
 def test_the_shipped_models_and_the_model_card_agree():
     """`best` (the default), `best-jpeg` and `seed` ship, and MODEL_CARD.md is what their cards generate."""
     assert pretrained.DEFAULT_MODEL == "best" and set(SHIPPED) == {"best", "best-jpeg", "seed"}
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from ship_model import model_card_markdown
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    model_card_markdown = ship_model_script().model_card_markdown
     assert (ROOT / "MODEL_CARD.md").read_text() == model_card_markdown(SHIPPED)
 
 
 def test_a_card_names_each_teacher_of_an_ensemble():
     """A model distilled from `--teacher best,best-jpeg`: its card's recipe line names both members,
     each with what its own card says of it, where a single teacher's line names one."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from ship_model import teacher_of, teacher_text
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    script = ship_model_script()
+    teacher_of, teacher_text = script.teacher_of, script.teacher_text
     members = [
         {"model": name, "sha256": SHIPPED[name]["sha256"], "arch": SHIPPED[name]["architecture"]}
         for name in ("best", "best-jpeg")
@@ -175,11 +178,8 @@ def test_a_card_names_each_teacher_of_an_ensemble():
 def test_a_card_names_the_model_it_started_from(capsys):
     """A model trained on from a shipped one (--init best-jpeg): its card's recipe line names that model with
     what its own card says (so a model that replaces it keeps its recipe); one trained from scratch says nothing."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from ship_model import init_of, init_text
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    script = ship_model_script()
+    init_of, init_text = script.init_of, script.init_text
     card = SHIPPED["best-jpeg"]
     record = {"model": "best-jpeg", "sha256": card["sha256"], "classes": card["classes"], "kept_last_layer": True}
     start = init_of({"init": record})
@@ -198,11 +198,7 @@ def test_a_card_names_the_model_it_started_from(capsys):
 
 
 def test_a_cards_command_names_no_directory_of_the_machine_that_trained_it():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from ship_model import portable
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    portable = ship_model_script().portable
     command = (
         "miniresnet train --init /work/runs/base-s0/last.pt --data-dir /work/shared/cifar10 --out /work/runs/ft-lr04"
     )
