@@ -1,7 +1,11 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from miniresnet.errors import MiniResNetError
 from miniresnet.model import MiniResNet, ResidualBlock, count_macs, count_parameters
 
 
@@ -92,3 +96,33 @@ def test_whitened_stem_filters_decorrelate_the_patches_largest_directions_first(
     assert torch.allclose(covariance, torch.eye(k, dtype=torch.float64), atol=1e-2)
     first = weight[0].reshape(-1)  # the brightness direction: all 27 weights equal
     assert torch.allclose(first / first.norm(), torch.full_like(first, 27**-0.5) * first.sign()[0], atol=1e-2)
+
+
+def weight_average_script():
+    """benchmarks/weight_average.py, imported (it is a script, not part of the package)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "weight_average.py"
+    spec = importlib.util.spec_from_file_location("weight_average", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_weight_average_is_the_mean_of_every_float_state_and_keeps_the_architecture():
+    averaged = weight_average_script().averaged
+    torch.manual_seed(0)
+    first, second = MiniResNet().double(), MiniResNet().double()
+    for model in (first, second):  # BatchNorm statistics that differ between the two, as after training
+        model.train()(torch.randn(8, 3, 32, 32, dtype=torch.float64))
+        model.eval()
+    second.features[0][1].num_batches_tracked.fill_(7)
+    soup = averaged([first, second])
+    a, b, s = first.state_dict(), second.state_dict(), soup.state_dict()
+    for key in s:
+        if s[key].is_floating_point():
+            assert torch.allclose(s[key], (a[key] + b[key]) / 2, rtol=0, atol=1e-15), key
+    assert s["features.0.1.num_batches_tracked"].item() == a["features.0.1.num_batches_tracked"].item()
+    assert first.state_dict()["features.0.1.weight"].data_ptr() != s["features.0.1.weight"].data_ptr()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    assert torch.allclose(averaged([first, first])(x), first(x), rtol=0, atol=1e-12)
+    with pytest.raises(MiniResNetError, match="one architecture"):
+        averaged([first, MiniResNet(widths=(8, 16, 32)).double()])
