@@ -4,6 +4,7 @@ NAME.json, and MODEL_CARD.md regenerated from every card.
     python scripts/ship_model.py runs/best-s0 best --data-dir ../shared/cifar10 \
         --command "miniresnet train --preset best --seed 0" --commit a312352...
     python scripts/ship_model.py --refresh --data-dir ../shared/cifar10   # the cards' figures again, same files
+    python scripts/ship_model.py runs/teacher teacher --to benchmarks/teachers --description "..." ...  # not shipped
 
 The card's test accuracy is the shipped file's own, evaluated here in fp32 on all 10,000 test
 images (what `miniresnet evaluate best` prints); the training run's own figures (in the precision
@@ -80,7 +81,9 @@ def calibration(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str, commit: str, note: str) -> dict:
+def make_card(
+    run_dir: Path, name: str, path: Path, data_dir: str, command: str, commit: str, note: str, description: str
+) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     data = load_cifar10(data_dir)
@@ -100,7 +103,7 @@ def make_card(run_dir: Path, name: str, path: Path, data_dir: str, command: str,
         "file": path.name,
         "sha256": sha256_of(path),
         "bytes": path.stat().st_size,
-        "description": DESCRIPTIONS.get(name, f"a run of the `{name}` preset"),
+        "description": description,
         "preset_tta": config["tta"],
         "command": portable(command, name) + ("" if "--data-dir" in command else " --data-dir DIR --out runs/" + name),
         "commit": commit,
@@ -152,17 +155,30 @@ def init_of(summary: dict) -> dict | None:
     return with_its_card(record) if record else None
 
 
+def card_of(model: str) -> tuple[str, dict] | tuple[None, None]:
+    """The card of a model a run names (a teacher, an initial model) and what it is: a shipped model's
+    card, or the card beside a model file (`teacher.json` beside `teacher.safetensors`, as `--to DIR`
+    writes for a model kept with the results rather than shipped); (None, None) for any other model."""
+    card = shipped_cards().get(model)
+    if card:
+        return f"the shipped `{model}`", card
+    beside = Path(model).with_suffix(".json")
+    if Path(model).is_file() and beside.is_file():
+        return f"the card {beside}", json.loads(beside.read_text())
+    return None, None
+
+
 def with_its_card(record: dict) -> dict:
-    """A teacher's or initial model's record, with its card's figures and recipe where it is a shipped
-    model of the same sha256."""
-    card = shipped_cards().get(record["model"])
+    """A teacher's or initial model's record, with its card's figures and recipe where it has a card
+    (see card_of) for the same sha256."""
+    source, card = card_of(record["model"])
     if card and card["sha256"] == record["sha256"]:
         keys = ("test_accuracy", "epochs", "train_seconds", "command", "commit", "seed")
         record = record | {k: card[k] for k in keys}
     elif card:  # such as shipping a name again after its card was replaced by a model that started from it
         print(
-            f"warning: the run used a `{record['model']}` of sha256 {record['sha256'][:12]}, but the shipped "
-            f"`{record['model']}` is now {card['sha256'][:12]}: the card names it by its sha256 alone",
+            f"warning: the run used a `{record['model']}` of sha256 {record['sha256'][:12]}, but {source} "
+            f"is for {card['sha256'][:12]}: the card names it by its sha256 alone",
             file=sys.stderr,
         )
     return {k: v for k, v in record.items() if k != "classes"}
@@ -358,6 +374,14 @@ def main() -> None:
     parser.add_argument("--command", help="the exact command the run was trained with")
     parser.add_argument("--commit", help="the commit it was trained at")
     parser.add_argument("--note", default="", help="anything a reader of the card should know about the run")
+    parser.add_argument("--description", help="what the model is (default: the shipped name's own description)")
+    parser.add_argument(
+        "--to",
+        type=Path,
+        default=WEIGHTS_DIR,
+        help="write NAME.safetensors and its card NAME.json here instead of shipping them with the package "
+        "(such as a teacher kept beside the results); MODEL_CARD.md is then left as it is",
+    )
     parser.add_argument("--refresh", action="store_true", help="only measure the shipped cards' figures again")
     args = parser.parse_args()
     if args.refresh:
@@ -366,12 +390,16 @@ def main() -> None:
     if not (args.run_dir and args.name and args.command and args.commit):
         parser.error("shipping a run needs RUN_DIR NAME --command --commit")
     data = load_cifar10(args.data_dir)
-    path = WEIGHTS_DIR / f"{args.name}.safetensors"
+    shipping = args.to.resolve() == WEIGHTS_DIR.resolve()
+    description = args.description or DESCRIPTIONS.get(args.name, f"a run of the `{args.name}` preset")
+    path = args.to / f"{args.name}.safetensors"
+    args.to.mkdir(parents=True, exist_ok=True)
     result = export(load_model(args.run_dir / "last.pt"), "safetensors", path, data.test_images[:256])
     print(f"wrote {path} (checked against PyTorch: max abs logit difference {result['max_abs_logit_diff']:.1e})")
-    card = make_card(args.run_dir, args.name, path, args.data_dir, args.command, args.commit, args.note)
-    write_text_atomically(WEIGHTS_DIR / f"{args.name}.json", json.dumps(card, indent=1) + "\n")
-    write_text_atomically(ROOT / "MODEL_CARD.md", model_card_markdown(shipped_cards()))
+    card = make_card(args.run_dir, args.name, path, args.data_dir, args.command, args.commit, args.note, description)
+    write_text_atomically(args.to / f"{args.name}.json", json.dumps(card, indent=1) + "\n")
+    if shipping:
+        write_text_atomically(ROOT / "MODEL_CARD.md", model_card_markdown(shipped_cards()))
     print(json.dumps({k: card[k] for k in ("name", "test_accuracy", "jpeg75_test_accuracy", "sha256")}))
 
 

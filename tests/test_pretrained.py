@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,11 +16,13 @@ import pytest
 import torch
 
 import miniresnet.pretrained as pretrained
-from conftest import export_like
+from conftest import export_like, make_dataset, tiny_config
 from miniresnet import MiniResNet, load_model
 from miniresnet.cli import build_parser, config_from_args, main
+from miniresnet.data import load_cifar10
 from miniresnet.errors import MiniResNetError
 from miniresnet.safetensors_file import load_safetensors, save_safetensors
+from miniresnet.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = pretrained.shipped_cards()
@@ -194,7 +197,29 @@ def test_a_card_names_the_model_it_started_from(capsys):
         other
         == f" It started from the weights of `best-jpeg` (sha256 `{'0' * 12}`), whose training counts in its cost too."
     )
-    assert f"the shipped `best-jpeg` is now {card['sha256'][:12]}" in capsys.readouterr().err
+    assert f"but the shipped `best-jpeg` is for {card['sha256'][:12]}" in capsys.readouterr().err
+
+
+def test_a_card_describes_a_teacher_that_is_not_shipped_from_the_card_beside_its_file(tmp_path, capsys):
+    """A teacher kept with the results (`ship_model.py --to DIR` writes teacher.safetensors and teacher.json):
+    a student's card states its architecture, accuracy and recipe from that card, for that file only."""
+    script = ship_model_script()
+    teacher_of, teacher_text = script.teacher_of, script.teacher_text
+    teacher = tmp_path / "teachers" / "wide.safetensors"
+    teacher.parent.mkdir()
+    shutil.copy(pretrained.shipped_weights("seed"), teacher)
+    card = SHIPPED["seed"] | {"name": "wide"}
+    (tmp_path / "teachers" / "wide.json").write_text(json.dumps(card))
+    record = {"model": str(teacher), "sha256": card["sha256"], "arch": card["architecture"]}
+    text = teacher_text({"teacher": teacher_of({"teacher": record})})
+    assert text.startswith(f" It learned from the teacher `{teacher}` (Mini-ResNet 16/32/64, sha256 `")
+    assert f"{card['test_accuracy']['plain']:.2%}" in text and f"trained by `{card['command']}`" in text
+    assert "warning" not in capsys.readouterr().err
+    changed = teacher_text({"teacher": teacher_of({"teacher": record | {"sha256": "0" * 64}})})
+    assert "trained by" not in changed
+    assert f"but the card {teacher.with_suffix('.json')} is for" in capsys.readouterr().err
+    (tmp_path / "teachers" / "wide.json").unlink()  # no card: the run's record alone
+    assert "trained by" not in teacher_text({"teacher": teacher_of({"teacher": record})})
 
 
 def test_a_cards_command_names_no_directory_of_the_machine_that_trained_it():
@@ -259,3 +284,26 @@ def test_the_readmes_python_example_classifies_an_image_with_the_shipped_model(t
     (ranked,) = ast.literal_eval(result.stdout)
     assert {c for c, _ in ranked} <= set(SHIPPED[pretrained.DEFAULT_MODEL]["classes"]) and len(ranked) == 3
     assert 0 < sum(p for _, p in ranked) <= 1.000001 and ranked == sorted(ranked, key=lambda r: -r[1])
+
+
+def test_ship_model_to_a_folder_writes_the_model_and_its_card_there_and_ships_nothing(tmp_path, monkeypatch):
+    """`--to DIR` keeps a model with the results (such as a teacher): its file and card go to DIR, and the
+    package's shipped models and MODEL_CARD.md stay as they are."""
+    script = ship_model_script()
+    data = make_dataset(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "runs" / "wide", widths=(8, 16, 32), epochs=1, val_split=50))
+    monkeypatch.setattr(script, "load_cifar10", lambda data_dir: load_cifar10(data_dir, verify=False))
+    shipped_before = {p.name: p.read_bytes() for p in pretrained.WEIGHTS_DIR.iterdir()}
+    model_card_before = (ROOT / "MODEL_CARD.md").read_bytes()
+    command = f"miniresnet train --widths 8 16 32 --data-dir {data} --out {tmp_path}/runs/wide"
+    argv = [str(tmp_path / "runs" / "wide"), "wide", "--data-dir", str(data), "--to", str(tmp_path / "teachers")]
+    argv += ["--command", command, "--commit", "0" * 40, "--description", "a wider Mini-ResNet, a teacher"]
+    monkeypatch.setattr(sys, "argv", ["ship_model.py", *argv])
+    script.main()
+    card = json.loads((tmp_path / "teachers" / "wide.json").read_text())
+    assert card["description"] == "a wider Mini-ResNet, a teacher" and card["architecture"]["widths"] == [8, 16, 32]
+    assert card["command"] == "miniresnet train --widths 8 16 32 --data-dir DIR --out runs/wide"
+    assert card["sha256"] == pretrained.sha256_of(tmp_path / "teachers" / "wide.safetensors")
+    assert load_model(tmp_path / "teachers" / "wide.safetensors").arch()["widths"] == [8, 16, 32]
+    assert {p.name: p.read_bytes() for p in pretrained.WEIGHTS_DIR.iterdir()} == shipped_before
+    assert (ROOT / "MODEL_CARD.md").read_bytes() == model_card_before
