@@ -151,6 +151,17 @@ def test_each_shipped_file_matches_its_card(name):
     assert sum(p.numel() for p in model.parameters()) == card["parameters"]
 
 
+@pytest.mark.parametrize("card_path", sorted((ROOT / "benchmarks" / "teachers").glob("*.json")), ids=lambda p: p.stem)
+def test_each_kept_teacher_matches_the_card_beside_it(card_path):
+    """A teacher kept with the results: its file is the one its card measured, and loads as that architecture."""
+    card = json.loads(card_path.read_text())
+    path = card_path.with_name(card["file"])
+    assert pretrained.sha256_of(path) == card["sha256"] and path.stat().st_size == card["bytes"]
+    model = load_model(path)
+    assert model.arch() == card["architecture"] and model.temperature == card["calibration"]["temperature"]
+    assert sum(p.numel() for p in model.parameters()) == card["parameters"]
+
+
 def test_the_shipped_models_and_the_model_card_agree():
     """`best` (the default), `best-jpeg` and `seed` ship, and MODEL_CARD.md is what their cards generate."""
     assert pretrained.DEFAULT_MODEL == "best" and set(SHIPPED) == {"best", "best-jpeg", "seed"}
