@@ -74,18 +74,18 @@ def main() -> None:
     models = {name: load_model(name) for name in args.models}
 
     member_logits = {name: logits_on(shown, model) for name, model in models.items()}
-    rows = [{"members": [name], **scores(member_logits[name], labels)} for name in models]
+    soups = {frozenset([name]): scores(member_logits[name], labels) for name in models}  # a member: its own soup
+    rows = [{"members": [name], **soups[frozenset([name])]} for name in models]
     for size in range(2, len(models) + 1):
         for names in itertools.combinations(models, size):
-            soup = scores(logits_on(shown, averaged([models[n] for n in names])), labels)
+            soups[frozenset(names)] = scores(logits_on(shown, averaged([models[n] for n in names])), labels)
             ensemble = scores({k: sum(member_logits[n][k] for n in names) for k in shown}, labels)
-            rows.append({"members": list(names), **soup, "ensemble": ensemble})
+            rows.append({"members": list(names), **soups[frozenset(names)], "ensemble": ensemble})
 
-    by_mean = sorted(models, key=lambda name: -scores(member_logits[name], labels)["mean"])
-    greedy = [by_mean[0]]
-    best = scores(member_logits[by_mean[0]], labels)["mean"]
-    for name in by_mean[1:]:
-        trial = scores(logits_on(shown, averaged([models[n] for n in [*greedy, name]])), labels)["mean"]
+    by_mean = sorted(models, key=lambda name: -soups[frozenset([name])]["mean"])
+    greedy, best = by_mean[:1], soups[frozenset(by_mean[:1])]["mean"]
+    for name in by_mean[1:]:  # every subset's soup is scored above: the greedy soup only looks them up
+        trial = soups[frozenset([*greedy, name])]["mean"]
         if trial >= best:
             greedy, best = [*greedy, name], trial
 

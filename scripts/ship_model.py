@@ -138,7 +138,7 @@ def make_card(
 
 def teacher_of(summary: dict) -> dict | None:
     """What a distilled run learned from: the run's record of its teacher (name, sha256, architecture)
-    and, for a shipped model of that sha256, its test accuracy, epochs and training time from its card."""
+    and, where it has a card for that sha256 (see card_of), its test accuracy, epochs and training time."""
     record = summary.get("teacher")
     if not record:
         return None
@@ -148,8 +148,8 @@ def teacher_of(summary: dict) -> dict | None:
 
 
 def init_of(summary: dict) -> dict | None:
-    """What a run started from (--init): the run's record of it (name, sha256) and, for a shipped model
-    of that sha256, how it was trained. Read before the new card is written, so a model that replaces
+    """What a run started from (--init): the run's record of it (name, sha256) and, where it has a card
+    for that sha256 (see card_of), how it was trained. Read before the new card is written, so a model that replaces
     the one it started from records the one it replaced."""
     record = summary.get("init")
     return with_its_card(record) if record else None
@@ -208,14 +208,14 @@ def init_text(card: dict) -> str:
 
 
 def member_text(teacher: dict) -> str:
-    """One teacher: its name, architecture, sha256 and, for a shipped model, how it was trained."""
+    """One teacher: its name, architecture, sha256 and, where it has a card (see card_of), how it was trained."""
     widths = "/".join(map(str, teacher["arch"]["widths"]))
     return f"`{teacher['model']}` (Mini-ResNet {widths}, sha256 `{teacher['sha256'][:12]}`{recipe_text(teacher)})"
 
 
 def recipe_text(record: dict) -> str:
-    """For a teacher or initial model that with_its_card found shipped: its test accuracy and how it
-    was trained, from its card (empty for any other model)."""
+    """For a teacher or initial model that with_its_card found a card for: its test accuracy and how it
+    was trained, from that card (empty for any other model)."""
     if "test_accuracy" not in record:
         return ""
     accuracy = record["test_accuracy"]
