@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import importlib.util
 import json
 import os
 import pickle
@@ -13,6 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -76,6 +78,16 @@ def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
         eval_batch_size=64,
     )
     return TrainConfig(**{**base, **overrides})
+
+
+def script_module(relative_path: str) -> ModuleType:
+    """A script of the repository (`scripts/ship_model.py`, `benchmarks/...`), imported as a module:
+    the scripts sit beside the package, not in it."""
+    script = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def export_like(model: MiniResNet, path: Path, classes: list[str]) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import interrupt_training_at, tiny_config
+from conftest import interrupt_training_at, script_module, tiny_config
 from miniresnet import load_model
 from miniresnet.checkpoint import load_checkpoint
 from miniresnet.cli import main
@@ -146,12 +146,7 @@ def test_the_finetune_preset_starts_from_best_and_validates():
 def test_the_benchmark_tells_the_preset_as_it_is_from_runs_of_an_earlier_one(tmp_path):
     """benchmarks/finetune.py keys a row by its options and the recipe they resolve to: runs of
     `--preset finetune` recorded before the preset changed are not the preset's runs now."""
-    import importlib.util
-
-    script = Path(__file__).parents[1] / "benchmarks" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("finetune_bench", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = script_module("benchmarks/finetune.py")
     options = bench.final_options("finetune", 100)
     now = bench.recipe_of(options, bench.base_checkpoint(tmp_path, "long"))
     assert now["epochs"] == PRESETS["finetune"].epochs and now["lr"] == PRESETS["finetune"].lr

@@ -1,10 +1,8 @@
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
+from conftest import script_module
 from miniresnet.errors import MiniResNetError
 from miniresnet.model import MiniResNet, ResidualBlock, count_macs, count_parameters
 
@@ -98,17 +96,8 @@ def test_whitened_stem_filters_decorrelate_the_patches_largest_directions_first(
     assert torch.allclose(first / first.norm(), torch.full_like(first, 27**-0.5) * first.sign()[0], atol=1e-2)
 
 
-def weight_average_script():
-    """benchmarks/weight_average.py, imported (it is a script, not part of the package)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "weight_average.py"
-    spec = importlib.util.spec_from_file_location("weight_average", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_weight_average_is_the_mean_of_every_float_state_and_keeps_the_architecture():
-    averaged = weight_average_script().averaged
+    averaged = script_module("benchmarks/weight_average.py").averaged
     torch.manual_seed(0)
     first, second = MiniResNet().double(), MiniResNet().double()
     for model in (first, second):  # BatchNorm statistics that differ between the two, as after training

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import miniresnet.pretrained as pretrained
-from conftest import export_like, make_dataset, tiny_config
+from conftest import export_like, make_dataset, script_module, tiny_config
 from miniresnet import MiniResNet, load_model
 from miniresnet.cli import build_parser, config_from_args, main
 from miniresnet.data import load_cifar10
@@ -26,16 +26,6 @@ from miniresnet.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = pretrained.shipped_cards()
-
-
-def ship_model_script():
-    """scripts/ship_model.py as a module: a script beside the package, not part of it."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import ship_model
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return ship_model
 
 
 def some_tensors() -> dict[str, torch.Tensor]:
@@ -165,14 +155,14 @@ def test_each_kept_teacher_matches_the_card_beside_it(card_path):
 def test_the_shipped_models_and_the_model_card_agree():
     """`best` (the default), `best-jpeg` and `seed` ship, and MODEL_CARD.md is what their cards generate."""
     assert pretrained.DEFAULT_MODEL == "best" and set(SHIPPED) == {"best", "best-jpeg", "seed"}
-    model_card_markdown = ship_model_script().model_card_markdown
+    model_card_markdown = script_module("scripts/ship_model.py").model_card_markdown
     assert (ROOT / "MODEL_CARD.md").read_text() == model_card_markdown(SHIPPED)
 
 
 def test_a_card_names_each_teacher_of_an_ensemble():
     """A model distilled from `--teacher best,best-jpeg`: its card's recipe line names both members,
     each with what its own card says of it, where a single teacher's line names one."""
-    script = ship_model_script()
+    script = script_module("scripts/ship_model.py")
     teacher_of, teacher_text = script.teacher_of, script.teacher_text
     members = [
         {"model": name, "sha256": SHIPPED[name]["sha256"], "arch": SHIPPED[name]["architecture"]}
@@ -192,7 +182,7 @@ def test_a_card_names_each_teacher_of_an_ensemble():
 def test_a_card_names_the_model_it_started_from(capsys):
     """A model trained on from a shipped one (--init best-jpeg): its card's recipe line names that model with
     what its own card says (so a model that replaces it keeps its recipe); one trained from scratch says nothing."""
-    script = ship_model_script()
+    script = script_module("scripts/ship_model.py")
     init_of, init_text = script.init_of, script.init_text
     card = SHIPPED["best-jpeg"]
     record = {"model": "best-jpeg", "sha256": card["sha256"], "classes": card["classes"], "kept_last_layer": True}
@@ -214,7 +204,7 @@ def test_a_card_names_the_model_it_started_from(capsys):
 def test_a_card_describes_a_teacher_that_is_not_shipped_from_the_card_beside_its_file(tmp_path, capsys):
     """A teacher kept with the results (`ship_model.py --to DIR` writes teacher.safetensors and teacher.json):
     a student's card states its architecture, accuracy and recipe from that card, for that file only."""
-    script = ship_model_script()
+    script = script_module("scripts/ship_model.py")
     teacher_of, teacher_text = script.teacher_of, script.teacher_text
     teacher = tmp_path / "teachers" / "wide.safetensors"
     teacher.parent.mkdir()
@@ -234,7 +224,7 @@ def test_a_card_describes_a_teacher_that_is_not_shipped_from_the_card_beside_its
 
 
 def test_a_cards_command_names_no_directory_of_the_machine_that_trained_it():
-    portable = ship_model_script().portable
+    portable = script_module("scripts/ship_model.py").portable
     command = (
         "miniresnet train --init /work/runs/base-s0/last.pt --data-dir /work/shared/cifar10 --out /work/runs/ft-lr04"
     )
@@ -300,7 +290,7 @@ def test_the_readmes_python_example_classifies_an_image_with_the_shipped_model(t
 def test_ship_model_to_a_folder_writes_the_model_and_its_card_there_and_ships_nothing(tmp_path, monkeypatch):
     """`--to DIR` keeps a model with the results (such as a teacher): its file and card go to DIR, and the
     package's shipped models and MODEL_CARD.md stay as they are."""
-    script = ship_model_script()
+    script = script_module("scripts/ship_model.py")
     data = make_dataset(tmp_path / "data")
     train(tiny_config(data, tmp_path / "runs" / "wide", widths=(8, 16, 32), epochs=1, val_split=50))
     monkeypatch.setattr(script, "load_cifar10", lambda data_dir: load_cifar10(data_dir, verify=False))
