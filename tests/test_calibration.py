@@ -157,6 +157,11 @@ def test_evaluate_on_the_validation_split_a_run_held_out(tiny_data, tmp_path, ca
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "m.safetensors"), *args[2:], "--val-split", "50"]) == 0
     assert "does not record which images it held out" in capsys.readouterr().err
+    # a shipped model's card records its training command: `best` held out nothing, `best-jpeg` 5,000
+    assert main(["evaluate", "best", *args[2:], "--val-split", "50"]) == 0
+    assert "note: best held out no training images: it trained on these 50" in capsys.readouterr().err
+    assert main(["evaluate", "best-jpeg", *args[2:], "--val-split", "50"]) == 0
+    assert "note:" not in capsys.readouterr().err
     assert main([*args, "--val-split", "200"]) == 1
     assert "--val-split 200: CIFAR-10 has only 200 training images" in capsys.readouterr().err
     with pytest.raises(SystemExit):

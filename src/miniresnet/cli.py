@@ -200,34 +200,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def validation_split(data, n: int, model_source: str):
-    """The last `n` training images and their labels, the ones `train --val-split n` holds out, and
-    their description. A model that trained on them scores too well on them: say so where the
-    model file records another split, and that it cannot be checked where it records none."""
+def held_out_by(model_source: str) -> int | None:
+    """How many of the last training images the model held out, where that is recorded: in a
+    checkpoint's config, or in the command of a shipped model's card. None for an export."""
+    import shlex
     from pathlib import Path
 
     from .checkpoint import load_checkpoint
+    from .pretrained import shipped_cards
     from .safetensors_file import looks_like_safetensors
 
+    path = Path(model_source)
+    if path.is_file():
+        if looks_like_safetensors(path):
+            return None
+        config = load_checkpoint(path).get("config")
+        held_out = config.get("val_split") if isinstance(config, dict) else None
+        return held_out if isinstance(held_out, int) else None
+    card = shipped_cards().get(model_source)
+    if card is None:
+        return None
+    return config_from_args(build_parser().parse_args(shlex.split(card["command"])[1:])).val_split
+
+
+def validation_split(data, n: int, model_source: str):
+    """The last `n` training images and their labels, the ones `train --val-split n` holds out, and
+    their description. A model that trained on them scores too well on them: say so where the
+    model file or card records another split, and that it cannot be checked where neither does."""
     total = len(data.train_labels)
     if n >= total:
         raise MiniResNetError(f"--val-split {n}: {data.name} has only {total:,} training images")
-    path = Path(model_source)
-    held_out = None
-    if path.is_file() and not looks_like_safetensors(path):  # a checkpoint records its run's config
-        config = load_checkpoint(path).get("config")
-        held_out = config.get("val_split") if isinstance(config, dict) else None
-    if not isinstance(held_out, int):
+    held_out = held_out_by(model_source)
+    if held_out is None:
         print(
             f"note: {model_source} does not record which images it held out; if it trained on these {n:,}, "
             "its figures here flatter it",
             file=sys.stderr,
         )
-    elif held_out < n:
-        trained_on = "all" if held_out == 0 else f"{n - held_out:,}"
+    elif held_out == 0:
         print(
-            f"note: {model_source} held out {held_out:,} training images, not {n:,}: it trained on {trained_on} "
-            "of these, so its figures here flatter it",
+            f"note: {model_source} held out no training images: it trained on these {n:,}, "
+            "so its figures here flatter it",
+            file=sys.stderr,
+        )
+    elif held_out < n:
+        print(
+            f"note: {model_source} held out {held_out:,} training images, not {n:,}: it trained on "
+            f"{n - held_out:,} of these, so its figures here flatter it",
             file=sys.stderr,
         )
     _, (images, labels) = data.split_validation(n)
