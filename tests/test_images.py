@@ -170,6 +170,24 @@ def test_a_file_name_that_is_not_utf8_is_read_and_printed(tmp_path, capsys):
     assert "caf\\xe9.png: " in out and "broken.png" in err
 
 
+
+@pytest.mark.parametrize(
+    "fmt, dtype, full",
+    [("PNG", np.uint16, 65535), ("TIFF", np.uint16, 65535), ("TIFF", np.int32, 65535), ("TIFF", np.float32, 1.0)],
+)
+def test_greyscale_of_more_than_8_bits_is_scaled_not_clipped(fmt, dtype, full):
+    grey8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (48, 1))  # a ramp, black to near-white
+    deep = (grey8.astype(np.float64) * (full / 255)).astype(dtype)
+    expected = load_image(encoded(Image.fromarray(grey8, "L"), "PNG"))
+    got = load_image(encoded(Image.fromarray(deep), fmt))
+    assert (got.int() - expected.int()).abs().max() <= 1  # one step of rounding, not white or black
+
+
+@pytest.mark.parametrize("values", [np.full((8, 8), 3.0, np.float32), np.full((8, 8), 70_000, np.int32)])
+def test_greyscale_outside_its_range_is_a_clear_error(values):
+    with pytest.raises(MiniResNetError, match="^the upload: .*outside .*save the image as 8- or 16-bit"):
+        load_image(encoded(Image.fromarray(values), "TIFF"))
+
 SEEDS = {
     fmt: encoded(picture(48, 40).convert(mode), fmt, **options)
     for fmt, mode, options in (

@@ -30,7 +30,7 @@ from .files import atomic_path
 from .images import FORMATS_TEXT, IMAGE_SUFFIXES, display_name, files_under, jpeg_versions, listing, load_image
 from .runtime import available_cores, log
 
-CACHE_VERSION = 2  # bump when the preparation of an image changes
+CACHE_VERSION = 3  # bump when the preparation of an image changes
 CACHE_BYTES = 4 * 2**30  # the cache directory's size beyond which the least recently used caches go
 
 

@@ -11,7 +11,8 @@ The preparation, stated once (the README repeats it):
    phone photo costs a fraction of a full decode.
 3. The EXIF orientation is applied, so the image is upright as a phone or a browser shows it.
 4. Transparent pixels are composited over white; palette, greyscale, CMYK and 16-bit images
-   become RGB.
+   become RGB. Greyscale of more than 8 bits (16-bit PNG and TIFF, 32-bit integer or floating-point
+   TIFF) is scaled from its full range (65,535, or 1.0 for floating point) to 255, not clipped.
 5. The largest centred square is cropped and resized to size x size with a bicubic filter
    (antialiased when shrinking).
 
@@ -56,6 +57,10 @@ AVIF_BRANDS = (b"avif", b"avis")
 
 class ImageTooLarge(MiniResNetError):
     """An image whose pixel count is over the caller's cap (a decompression bomb, or just too big)."""
+
+
+class PixelsOutOfRange(MiniResNetError):
+    """A greyscale image of more than 8 bits whose values are outside its format's range (or not finite)."""
 
 
 def _pil():
@@ -124,6 +129,8 @@ def load_image(source: str | Path | bytes, size: int = 32, max_pixels: int | Non
                         f"limit of {max_pixels:,}"
                     )
                 prepared = prepare(image, size)
+        except PixelsOutOfRange as e:
+            raise MiniResNetError(f"{name}: {e}") from None
         except MiniResNetError:
             raise
         except Image.DecompressionBombError as e:  # Pillow's own limit (twice its 89M-pixel warning)
@@ -150,10 +157,26 @@ def prepare(image, size: int):
     image = decode_reduced(image, REDUCE_MARGIN * size)
     if orientation in ORIENTATIONS:
         image = image.transpose(getattr(Image.Transpose, ORIENTATIONS[orientation]))
+    image = eight_bit_grey(image)
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
+
+
+def eight_bit_grey(image):
+    """A greyscale image of more than 8 bits (modes I;16*, I and F) as 8-bit greyscale, scaled from
+    its full range: 65,535 for integers (16-bit files, and 32-bit ones holding 16-bit values), 1.0 for
+    floating point. Pillow's own conversion to RGB clips these values, so mid-grey would come out
+    white (16-bit) or black (floating point). Any other image is returned as it is."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    full = 1.0 if image.mode == "F" else 65535.0
+    pixels = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > full:
+        values = "floating-point greyscale outside 0-1" if full == 1.0 else "32-bit greyscale outside 0-65,535"
+        raise PixelsOutOfRange(f"{values} (or not finite): save the image as 8- or 16-bit")
+    return _pil().fromarray(np.rint(pixels * (255 / full)).astype(np.uint8), "L")
 
 
 def exif_orientation(image) -> int:
