@@ -27,9 +27,11 @@ pytest.importorskip("fastapi", reason="the server is an optional extra: pip inst
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import export_like
 from miniresnet.cli import main
 from miniresnet.data import load_cifar10
 from miniresnet.images import FORMATS_TEXT, IMAGE_SUFFIXES, accepted_formats
+from miniresnet.model import MiniResNet
 from miniresnet.pretrained import DEFAULT_MODEL
 from miniresnet.serve import Batcher, Metrics, RequestError, ServeConfig, create_app
 
@@ -69,6 +71,23 @@ def test_predict_answers_as_the_cli_does_for_uploads_and_raw_bodies(model_file, 
     assert same_ranking(two.json()["top_k"], expected[:2])
     seen = Image.open(io.BytesIO(base64.b64decode(two.json()["image"].split(",")[1])))
     assert seen.size == (32, 32)
+
+
+def test_a_model_of_fewer_classes_than_the_default_top_k_answers_with_all_of_them(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = tmp_path / "two.safetensors"
+    export_like(MiniResNet(num_classes=2).eval(), model, ["cat", "dog"])
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    assert main(["predict", str(model), str(image), "--json"]) == 0  # the default, 3, is more than 2
+    assert [c["class"] for c in json.loads(capsys.readouterr().out)["top_k"]] in (["cat", "dog"], ["dog", "cat"])
+    assert main(["predict", str(model), str(image), "--top-k", "3"]) == 1  # asked for: a clear error
+    assert "--top-k must be between 1 and 2, got 3" in capsys.readouterr().err
+    with TestClient(create_app(ServeConfig(model=str(model)))) as client:
+        default = client.post("/predict", content=png_bytes(), headers={"content-type": "image/png"})
+        too_many = client.post("/predict?top_k=3", content=png_bytes(), headers={"content-type": "image/png"})
+    assert default.status_code == 200 and len(default.json()["top_k"]) == 2
+    assert too_many.status_code == 422 and "between 1 and 2" in too_many.json()["error"]
 
 
 BAD_INPUTS = [

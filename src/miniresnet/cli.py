@@ -262,8 +262,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .images import display_name, find_images, load_image
 
     model, device, precision = load_for_inference(args)
-    if not 1 <= args.top_k <= len(model.classes):
-        raise MiniResNetError(f"--top-k must be between 1 and {len(model.classes)}, got {args.top_k}")
+    top_k = min(3, len(model.classes)) if args.top_k is None else args.top_k
+    if not 1 <= top_k <= len(model.classes):
+        raise MiniResNetError(f"--top-k must be between 1 and {len(model.classes)}, got {top_k}")
     files = find_images(args.inputs)
     if not files:
         raise MiniResNetError(f"no image files found in {' '.join(args.inputs)}")
@@ -277,7 +278,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if images:
         batch = torch.stack(list(images.values()))
         options = dict(batch_size=args.batch_size, device=device, precision=precision, tta=args.tta)
-        ranked = dict(zip(images, classify(model, batch, args.top_k, **options), strict=True))
+        ranked = dict(zip(images, classify(model, batch, top_k, **options), strict=True))
     for f in files:
         if f in errors:
             if args.json:
@@ -533,7 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="top-k classes of image files (PNG, JPEG, HEIC, AVIF, WebP, ...)")
     inference_options(predict)
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or directories of them")
-    predict.add_argument("--top-k", type=positive_int, default=3, help="classes to show per image")
+    predict.add_argument(
+        "--top-k", type=positive_int, help="classes to show per image (default 3, or every class of a model with fewer)"
+    )
     predict.add_argument("--json", action="store_true", help="one JSON object per file")
     predict.set_defaults(run=cmd_predict)
 

@@ -2,7 +2,8 @@
 `serve` extra).
 
     POST /predict   one image (multipart field `file`, or the raw body with an image/* type);
-                    ?top_k=5; JSON {"top_k": [{"class", "probability"}, ...]}, as `predict --json`
+                    ?top_k=N (default 5, or every class of a model with fewer);
+                    JSON {"top_k": [{"class", "probability"}, ...]}, as `predict --json`
     GET  /healthz   200 once the model is loaded
     GET  /metrics   Prometheus: requests by endpoint and status, latency, batch sizes, queue depth
     GET  /          the page; /docs the OpenAPI page FastAPI gives
@@ -493,12 +494,13 @@ def create_app(config: ServeConfig, model: nn.Module | None = None) -> FastAPI:
         return await refusal(request, RequestError(error.status_code, str(error.detail), error.headers))
 
     @app.post("/predict", summary="Classify one image")
-    async def predict(request: Request, top_k: int = 5, image: bool = False) -> dict:
+    async def predict(request: Request, top_k: int | None = None, image: bool = False) -> dict:
         """The image as a multipart upload (field `file`) or as the raw body (image/* content
         type): PNG, JPEG, HEIC/HEIF, AVIF, WebP, GIF, TIFF or BMP, any size and mode, prepared as
         `miniresnet predict` prepares it. `image=true` adds the prepared image the model saw, as a
-        PNG data URL."""
+        PNG data URL. Without `top_k`: the 5 most likely classes, or all of a model with fewer."""
         model = state["model"]
+        top_k = min(5, len(model.classes)) if top_k is None else top_k
         if not 1 <= top_k <= len(model.classes):
             raise RequestError(422, f"top_k must be between 1 and {len(model.classes)}, got {top_k}")
         with admission.slot():
