@@ -83,6 +83,9 @@ def test_a_run_fits_its_temperature_on_validation_and_every_answer_uses_it(tiny_
     assert main([*evaluate, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["temperature"] == temperature and 0 <= result["ece"] <= 1
+    run_result = json.loads((tmp_path / "run" / "test_eval.json").read_text())  # the run's own, at its temperature
+    assert run_result["tta"] == "none" and run_result["temperature"] == temperature
+    assert run_result["ece"] == pytest.approx(summary["test_ece_calibrated"], abs=1e-12)
 
 
 def test_without_a_validation_split_the_probabilities_are_the_plain_softmax(tiny_data, tmp_path, capsys):

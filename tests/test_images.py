@@ -170,7 +170,6 @@ def test_a_file_name_that_is_not_utf8_is_read_and_printed(tmp_path, capsys):
     assert "caf\\xe9.png: " in out and "broken.png" in err
 
 
-
 @pytest.mark.parametrize(
     "fmt, dtype, full",
     [("PNG", np.uint16, 65535), ("TIFF", np.uint16, 65535), ("TIFF", np.int32, 65535), ("TIFF", np.float32, 1.0)],
@@ -187,6 +186,7 @@ def test_greyscale_of_more_than_8_bits_is_scaled_not_clipped(fmt, dtype, full):
 def test_greyscale_outside_its_range_is_a_clear_error(values):
     with pytest.raises(MiniResNetError, match="^the upload: .*outside .*save the image as 8- or 16-bit"):
         load_image(encoded(Image.fromarray(values), "TIFF"))
+
 
 SEEDS = {
     fmt: encoded(picture(48, 40).convert(mode), fmt, **options)

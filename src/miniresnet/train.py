@@ -426,6 +426,9 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     # The results.
     if test_result is None:  # resumed after the last epoch's checkpoint but before its results were written
         _, _, test_logits, test_result = evaluate_sets(model_to_use, data, final_ttas, ddp, **eval_options)
+    # test_eval.json and reliability.png at the model's temperature, fitted after that evaluation ran
+    test_labels = data.eval_sets["test"][1]
+    test_result = metrics(test_logits, test_labels, data.classes, progress.temperature) | {"tta": test_result["tta"]}
     final = progress.history[-1]
     if "test_ece" in final:  # absent when a checkpoint from before calibration is resumed at its end
         say(calibration_line(final, calibrated="val" in data.eval_sets))
@@ -434,7 +437,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     summary |= ({"init": origin} if origin else {}) | ({"teacher": teacher_record} if teacher_record else {})
     if ddp.is_main:
         write_json(out / "test_eval.json", test_result, indent=None)
-        test_images, test_labels = data.eval_sets["test"]
+        test_images = data.eval_sets["test"][0]
         write_plots(out, progress.history, test_images, test_labels, test_logits, test_result, data.classes)
         write_json(out / "summary.json", summary)
     return summary
