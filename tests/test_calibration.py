@@ -18,7 +18,7 @@ from miniresnet.checkpoint import load_checkpoint, model_from_checkpoint, read_m
 from miniresnet.cli import main
 from miniresnet.errors import MiniResNetError
 from miniresnet.evaluate import classify, predict_logits
-from miniresnet.train import train
+from miniresnet.train import calibration_line, train
 
 
 def sampled(n: int, temperature: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +86,29 @@ def test_a_run_fits_its_temperature_on_validation_and_every_answer_uses_it(tiny_
     run_result = json.loads((tmp_path / "run" / "test_eval.json").read_text())  # the run's own, at its temperature
     assert run_result["tta"] == "none" and run_result["temperature"] == temperature
     assert run_result["ece"] == pytest.approx(summary["test_ece_calibrated"], abs=1e-12)
+
+
+def test_best_pt_carries_the_temperature_of_its_own_epoch(tiny_data, tmp_path):
+    """best.pt may come from an earlier epoch than last.pt (here epoch 2 of 3, seed 0): each file's
+    temperature is the one fitted on the validation split for its own weights."""
+    from miniresnet.data import load_dataset
+    from miniresnet.runtime import model_in_precision, resolve_precision
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, epochs=3, val_split=50, precision="fp64", eval_every=1, seed=0))
+    data = load_dataset("cifar10", tiny_data, verify=False)
+    fp64 = resolve_precision("fp64", torch.device("cpu"))
+    for name in ("best.pt", "last.pt"):
+        model = model_in_precision(load_model(run / name), fp64, memory_format=torch.channels_last)
+        logits = predict_logits(model, data.train_images[150:], model.mean, model.std, precision=fp64)
+        assert model.temperature == pytest.approx(fit_temperature(logits, data.train_labels[150:]), rel=1e-5), name
+
+
+def test_a_validation_split_with_no_errors_gives_no_temperature():
+    logits = torch.tensor([[4.0, 1.0, 0.0], [0.5, 2.0, 0.0], [0.0, 0.1, 0.3]])  # each row right, some barely
+    assert fit_temperature(logits, torch.tensor([0, 1, 2])) is None  # not T = 0.05, which says "certain"
+    line = calibration_line({"temperature": 1.0, "test_ece": 0.1}, calibrated=True)
+    assert "the validation split gives no temperature to fit" in line
 
 
 def test_without_a_validation_split_the_probabilities_are_the_plain_softmax(tiny_data, tmp_path, capsys):

@@ -16,9 +16,11 @@ BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted T outside this means the logits carry no usable signal
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
     """The T > 0 that minimises the cross-entropy of softmax(logits / T) on these labels. The loss
-    is unimodal in log T, so a golden-section search over TEMPERATURE_RANGE finds it to ~1e-6."""
+    is unimodal in log T, so a golden-section search over TEMPERATURE_RANGE finds it to ~1e-6.
+    None when the minimum is at an end of the range: these labels give no temperature to fit (every
+    image right, so a smaller T always lowers the loss; or logits that carry no signal)."""
     logits, labels = logits.double().cpu(), labels.cpu()
     if len(labels) == 0:
         raise ValueError("fitting a temperature needs at least one labelled image")
@@ -39,7 +41,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
             low, a, loss_a = a, b, loss_b
             b = low + ratio * (high - low)
             loss_b = loss(b)
-    return math.exp((low + high) / 2)
+    fitted = math.exp((low + high) / 2)
+    smallest, largest = TEMPERATURE_RANGE
+    return fitted if smallest * 1.001 < fitted < largest / 1.001 else None
 
 
 def reliability(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, bins: int = BINS) -> list[dict]:

@@ -408,8 +408,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
 
             state = checkpoint(epoch + 1, progress.tally)
             save(out / "last.pt", state, ddp)
-            if improved:
-                save(out / "best.pt", state, ddp)
+            if improved:  # with its own epoch's temperature (the run's is fitted after the last epoch)
+                save(out / "best.pt", state | {"temperature": fitted_temperature(plain_logits, data)}, ddp)
             if ddp.is_main:
                 write_metrics(out, progress.history)
             if tensorboard:
@@ -832,10 +832,12 @@ def evaluate_sets(
 
 def fitted_temperature(plain_logits: dict[str, torch.Tensor], data: TrainingData) -> float:
     """The temperature that calibrates the model's probabilities, fitted on the validation split's
-    logits (never the test set's); 1.0, the plain softmax, when the run holds out no validation split."""
+    logits (never the test set's); 1.0, the plain softmax, when the run holds out no validation split
+    or the split gives no temperature to fit (see fit_temperature)."""
     if "val" not in plain_logits:
         return 1.0
-    return fit_temperature(plain_logits["val"], data.eval_sets["val"][1])
+    fitted = fit_temperature(plain_logits["val"], data.eval_sets["val"][1])
+    return 1.0 if fitted is None else fitted
 
 
 def calibration_record(test_logits: torch.Tensor, test_labels: torch.Tensor, temperature: float) -> dict:
@@ -851,6 +853,11 @@ def calibration_record(test_logits: torch.Tensor, test_labels: torch.Tensor, tem
 def calibration_line(record: dict, calibrated: bool) -> str:
     if not calibrated:
         return f"probabilities not calibrated (no --val-split to fit a temperature): test ECE {record['test_ece']:.2%}"
+    if record["temperature"] == 1.0:  # a fitted temperature is never exactly 1
+        return (
+            "probabilities not calibrated: the validation split gives no temperature to fit (every image right, "
+            f"or no signal in the logits), so they stay the plain softmax: test ECE {record['test_ece']:.2%}"
+        )
     return (
         f"probabilities calibrated: temperature {record['temperature']:.3f}, fitted on the validation split; "
         f"test ECE {record['test_ece']:.2%} before, {record['test_ece_calibrated']:.2%} after"
