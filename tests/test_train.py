@@ -91,6 +91,19 @@ def test_existing_run_dir_is_refused_unless_overwrite(tiny_data, tmp_path):
     train(tiny_config(tiny_data, tmp_path / "run", epochs=1, overwrite=True))
 
 
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_can_start(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_data, run, epochs=2, val_split=40))
+    (run / "tensorboard").mkdir()  # as --tensorboard leaves it
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json")}
+    with pytest.raises(MiniResNetError):  # no data there: the new run cannot start
+        train(tiny_config(tmp_path / "no-data", run, epochs=1, overwrite=True))
+    assert {name: (run / name).read_bytes() for name in before} == before
+    train(tiny_config(tiny_data, run, epochs=1, overwrite=True))  # no validation split: no best.pt of its own
+    assert not (run / "best.pt").exists() and not (run / "tensorboard").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [

@@ -5,6 +5,7 @@ and the plots."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -17,7 +18,8 @@ from .files import write_text_atomically
 from .plots import NO_MATPLOTLIB, have_matplotlib, plot_curves, plot_evaluation
 from .runtime import log
 
-# Everything a run writes, removed when --overwrite starts a fresh run in the same directory.
+# Everything a run writes, removed when --overwrite starts a fresh run in the same directory
+# (config.json is replaced), and the folder --tensorboard writes into.
 RUN_FILES = (
     "metrics.jsonl",
     "last.pt",
@@ -30,12 +32,15 @@ RUN_FILES = (
     "misclassified.png",
     "reliability.png",
 )
+TENSORBOARD_DIR = "tensorboard"
 
 
 def open_run_dir(out: Path, epochs: int, resume: bool, overwrite: bool, is_main: bool = True) -> dict | None:
     """A fresh run goes into a new or empty directory, or replaces an earlier run with `overwrite`;
-    any other directory is refused, so nothing of anyone else's is overwritten or deleted. A
-    resumed run needs its checkpoint, which is returned. Only the main process changes files."""
+    any other directory is refused, so nothing of anyone else's is overwritten or deleted. The
+    earlier run's files stay until the new run has set itself up (clear_earlier_run): a run that
+    cannot start (no data, a bad teacher) loses nothing. A resumed run needs its checkpoint, which
+    is returned. Only the main process changes files."""
     if resume:
         if not (out / "last.pt").is_file():
             raise MiniResNetError(f"there is no run to resume in {out}: {out / 'last.pt'} does not exist")
@@ -60,9 +65,15 @@ def open_run_dir(out: Path, epochs: int, resume: bool, overwrite: bool, is_main:
         )
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in RUN_FILES:
-            (out / stale).unlink(missing_ok=True)
     return None
+
+
+def clear_earlier_run(out: Path) -> None:
+    """Removes what an earlier run wrote in `out` (see open_run_dir), so that none of it is taken
+    for the new run's."""
+    for stale in RUN_FILES:
+        (out / stale).unlink(missing_ok=True)
+    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
 
 
 def write_json(path: Path, value, indent: int | None = 2) -> None:
@@ -119,7 +130,7 @@ def tensorboard_writer(out: Path):
         raise MiniResNetError(
             "--tensorboard needs the tensorboard package: pip install 'miniresnet[tensorboard]'"
         ) from None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    return SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
 
 
 def write_plots(
