@@ -136,6 +136,40 @@ def test_full_disk_mid_run_stops_cleanly_and_the_run_resumes(tiny_data, tmp_path
     assert summary["epochs"] == 3 and len(untimed(out)) == 3
 
 
+WRITE_PAST_A_SIZE_LIMIT = """
+import resource, signal, sys, torch
+from pathlib import Path
+from miniresnet.checkpoint import save_checkpoint
+from miniresnet.errors import MiniResNetError
+from miniresnet.folders import write_cache
+
+out = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+big = {"weights": torch.zeros(200_000)}  # 800 kB
+save_checkpoint({"small": 1}, out / "last.pt")
+try:
+    save_checkpoint(big, out / "last.pt")
+except MiniResNetError as e:
+    print("checkpoint:", e)
+print("cache:", write_cache(out / "cache.pt", big))
+"""
+
+
+def test_a_write_that_fails_partway_is_a_clear_error_and_keeps_the_previous_file(tmp_path):
+    """A real failing write (a file-size limit makes the kernel refuse it, as a full disk does), not a
+    mocked one: torch.save's own file writer reports it as a RuntimeError, which no handler caught."""
+    done = subprocess.run(
+        [sys.executable, "-c", WRITE_PAST_A_SIZE_LIMIT, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint: could not save the checkpoint" in done.stdout, done.stdout
+    assert "File too large; the previous last.pt is unchanged" in done.stdout
+    assert "cache: not cached" in done.stdout and "File too large" in done.stdout.split("cache:")[1]
+    assert load_checkpoint(tmp_path / "last.pt")["small"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
 def valid_file(tmp_path: Path, write) -> bytes:
     write(tmp_path / "valid", *synthetic_images(3))
     return (tmp_path / "valid").read_bytes()

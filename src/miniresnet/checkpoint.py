@@ -17,7 +17,7 @@ import torch
 
 from .ema import EMA
 from .errors import MiniResNetError
-from .files import atomic_path
+from .files import torch_save_atomically
 from .model import MiniResNet
 from .pretrained import sha256_of, shipped_weights
 from .safetensors_file import load_safetensors, looks_like_safetensors
@@ -41,8 +41,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write atomically: a crash leaves the previous checkpoint or this one."""
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            torch.save({"format": FORMAT, **state}, tmp)
+        torch_save_atomically({"format": FORMAT, **state}, path)
     except OSError as e:  # a full disk, a lost mount, no permission
         kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
         raise MiniResNetError(

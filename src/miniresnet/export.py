@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import load_model
 from .errors import MiniResNetError
-from .files import atomic_path
+from .files import atomic_path, os_error_of_torch_writer
 from .model import MiniResNet
 from .safetensors_file import save_safetensors
 
@@ -108,7 +108,8 @@ def _write_torchscript(wrapped: nn.Module, path: Path, about: dict[str, str]):
     # mobile runtimes load; the warning says nothing the user can act on here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(wrapped).save(str(path), _extra_files={"miniresnet.json": json.dumps(about)})
+        with open(path, "wb") as f, os_error_of_torch_writer():  # a full disk: an OSError, as for any file
+            torch.jit.save(torch.jit.script(wrapped), f, _extra_files={"miniresnet.json": json.dumps(about)})
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():

@@ -35,6 +35,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _fsync_directory(path.parent)
 
 
+def torch_save_atomically(obj, path: str | Path) -> None:
+    """torch.save(obj) to `path` through atomic_path; a failed write (a full disk) is an OSError."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, os_error_of_torch_writer():
+        torch.save(obj, f)
+
+
+@contextlib.contextmanager
+def os_error_of_torch_writer() -> Iterator[None]:
+    """For torch.save and torch.jit.save into an open file: when a write fails, the file's OSError
+    (which says what happened) is followed by a RuntimeError from closing their zip writer, which
+    does not; this raises the OSError. (Given a path instead, they raise only the RuntimeError.)"""
+    try:
+        yield
+    except RuntimeError as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def hexdigest(path: str | Path, algorithm: str) -> str:
     """A file's hash ("md5", "sha256", ...), read in 1 MB blocks."""
     digest = hashlib.new(algorithm)

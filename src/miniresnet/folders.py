@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .data import ImageSet
 from .errors import MiniResNetError
-from .files import atomic_path
+from .files import torch_save_atomically
 from .images import FORMATS_TEXT, IMAGE_SUFFIXES, display_name, files_under, jpeg_versions, listing, load_image
 from .runtime import available_cores, log
 
@@ -138,8 +138,7 @@ def read_cache(path: Path, n_files: int) -> dict | None:
 def write_cache(path: Path, saved: dict) -> str:
     """Save a folder's preparation, then trim the directory; says where it went (or why not)."""
     try:
-        with atomic_path(path) as tmp:
-            torch.save(saved, tmp)
+        torch_save_atomically(saved, path)
     except OSError as e:  # a read-only or full cache directory costs the next run a decode, nothing more
         return f"not cached ({path}: {e.strerror or e})"
     removed = trim_cache(path.parent, CACHE_BYTES, keep=path)
