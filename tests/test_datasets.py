@@ -4,6 +4,7 @@ end to end with its own class names."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -121,7 +122,7 @@ def make_folder(root: Path, per_class: int = 12, odd: bool = True) -> Path:
 
 
 def test_a_folder_is_prepared_with_odd_images_listed_and_skipped(tmp_path, capsys):
-    data = load_image_folders(make_folder(tmp_path / "train"), None, test_fraction=0.25, seed=1, progress=False)
+    data = load_image_folders(make_folder(tmp_path / "train"), None, test_fraction=0.25, progress=False)
     err = capsys.readouterr().err
     assert "1 of 37 files in" in err and "broken.png" in err and "could not be read" in err
     assert "AVIF images by their names: green/notes.txt" in err
@@ -189,6 +190,19 @@ def test_a_test_folder_with_a_class_the_training_folder_lacks_is_an_error(tmp_pa
     (tmp_path / "test" / "purple").mkdir()
     with pytest.raises(MiniResNetError, match=r"folders \['purple'\] are not among the classes"):
         load_image_folders(tmp_path / "train", tmp_path / "test", progress=False)
+
+
+def test_a_folders_held_out_test_and_validation_images_are_the_same_at_every_seed(tmp_path):
+    """Without a test folder, runs at other seeds are scored on the same held-out images, and none
+    trains on images another holds out (a seed-0 model given to a seed-1 run as --init or --teacher
+    would otherwise have trained on its test set)."""
+    make_folder(tmp_path / "data" / "train", per_class=10, odd=False)
+    runs = {}
+    for seed in (0, 1):
+        cfg = tiny_config(tmp_path / "data", tmp_path / f"s{seed}", epochs=1, batch_size=8, val_split=6, seed=seed)
+        train(dataclasses.replace(cfg, dataset="folder"))
+        runs[seed] = json.loads((tmp_path / f"s{seed}" / "config.json").read_text())["resolved"]
+    assert runs[0]["data_fingerprint"] == runs[1]["data_fingerprint"]  # train and test images, in order
 
 
 def test_a_folder_trained_on_then_predicted_evaluated_exported_and_reported(tmp_path, capsys):

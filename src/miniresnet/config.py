@@ -148,7 +148,8 @@ class TrainConfig:
     )
     test_folder: str = _opt("", "folder data: the test images, same class folders (default: DATA_DIR/test if any)")
     test_fraction: float = _opt(
-        0.2, "folder data without a test folder: the share of each class held out as the test set (seeded)"
+        0.2,
+        "folder data without a test folder: the share of each class held out as the test set (the same at every seed)",
     )
     image_size: int = _opt(32, "folder data: the side images are prepared at (largest centred square, resized)")
     cache_dir: str = _opt("", "where prepared folder images and JPEG versions are cached (default ~/.cache/miniresnet)")

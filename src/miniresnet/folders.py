@@ -31,6 +31,7 @@ from .images import FORMATS_TEXT, IMAGE_SUFFIXES, display_name, files_under, jpe
 from .runtime import available_cores, log
 
 CACHE_VERSION = 3  # bump when the preparation of an image changes
+SPLIT_SEED = 0  # draws a folder's held-out test images and training order, whatever the run's --seed
 CACHE_BYTES = 4 * 2**30  # the cache directory's size beyond which the least recently used caches go
 
 
@@ -242,28 +243,29 @@ def load_image_folders(
     *,
     test_fraction: float = 0.2,
     image_size: int = 32,
-    seed: int = 0,
     cache_dir: str | Path | None = None,
     strict: bool = False,
     progress: bool = True,
 ) -> ImageSet:
     """An ImageSet from a training folder and a test folder, or a held-out share of the training
-    folder when there is no test folder. The training images come in a seeded shuffled order, so
-    a --val-split taken from their end holds every class."""
+    folder when there is no test folder. The training images come in a shuffled order, so a
+    --val-split taken from their end holds every class. The held-out test images and that order
+    are drawn with SPLIT_SEED, not the run's seed: runs at every seed are scored on the same images,
+    and none trains on another's test or validation images (as with CIFAR's fixed splits)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     train_dir = Path(train_dir)
     images, labels, classes = prepared_folder(train_dir, None, image_size, cache_dir, strict, progress)
     if test_dir is not None:
         test_images, test_labels, _ = prepared_folder(Path(test_dir), classes, image_size, cache_dir, strict, progress)
     else:
-        train_idx, test_idx = stratified_holdout(labels, test_fraction, seed)
+        train_idx, test_idx = stratified_holdout(labels, test_fraction, SPLIT_SEED)
         if len(test_idx) == 0:
             raise MiniResNetError(
                 f"holding out {test_fraction:.0%} of {train_dir} leaves no test image; add images or a test folder"
             )
         test_images, test_labels = images[test_idx], labels[test_idx]
         images, labels = images[train_idx], labels[train_idx]
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
     return ImageSet(images[order], labels[order], test_images, test_labels, classes, f"image folder {train_dir}")
 
 

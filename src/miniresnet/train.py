@@ -465,7 +465,6 @@ def prepare_data(cfg: TrainConfig) -> TrainingData:
             cfg.test_folder,
             test_fraction=cfg.test_fraction,
             image_size=cfg.image_size,
-            seed=cfg.seed,
             cache_dir=cfg.cache_dir or None,
             strict=cfg.strict,
             progress=not cfg.quiet,
