@@ -100,3 +100,24 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "seed", "x.png", "--threads", "-1"], "must be 0 (the cores) or more, got -1"),
+        (["evaluate", "seed", "--threads", "-2"], "must be 0 (the cores) or more, got -2"),
+        (["serve", "--max-upload-mb", "nan"], "must be a number above 0, got nan"),
+        (["serve", "--max-upload-mb", "0"], "must be a number above 0, got 0"),
+        (["serve", "--body-timeout-s", "-1"], "must be a number above 0, got -1"),
+        (["serve", "--max-wait-ms", "inf"], "must be a number, 0 or above, got inf"),
+        (["serve", "--decode-workers", "-1"], "must be 0 (the cores) or more, got -1"),
+        (["serve", "--port", "70000"], "a port is between 0 and 65535, got 70000"),
+    ],
+)
+def test_a_number_out_of_range_is_a_usage_error_naming_the_option(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {args[-2]}: {message}" in err

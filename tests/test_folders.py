@@ -146,3 +146,19 @@ def test_a_data_dir_of_image_folders_is_found_by_itself(tmp_path, capsys):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["dataset"] == "folder" and config["resolved"]["classes"] == ["green", "red"]
     assert json.loads(out.splitlines()[-1])["epochs"] == 1
+
+
+def test_a_valid_cache_in_a_read_only_directory_is_used(tmp_path, monkeypatch):
+    """Marking a cache used (its mtime, for trimming) fails in a read-only directory; the cache is
+    still read. (Simulated: as root, a read-only mode stops nothing.)"""
+    for name in ("red", "green"):
+        write_class(tmp_path / "f", name, 4)
+    cache = tmp_path / "cache"
+    first = load_image_folders(tmp_path / "f", None, cache_dir=cache, progress=False)
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(folders.os, "utime", read_only)
+    again = load_image_folders(tmp_path / "f", None, cache_dir=cache, progress=False)
+    assert torch.equal(again.train_images, first.train_images)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import typing
 
@@ -465,6 +466,35 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count_or_zero(text: str) -> int:
+    """Threads or workers: a number, or 0 for "as many as the cores"."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (the cores) or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or above, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="miniresnet", description="Train and use a Mini-ResNet on CIFAR-10.")
     parser.add_argument("--version", action="version", version=f"miniresnet {__version__}")
@@ -493,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=positive_int, default=100)
         sub.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="auto: bf16 where it is native")
-        sub.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+        sub.add_argument("--threads", type=count_or_zero, default=0, help="0 = the cores this process may use")
 
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix")
     inference_options(evaluate)
@@ -555,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="check the data files against their published MD5s",
     )
-    export.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+    export.add_argument("--threads", type=count_or_zero, default=0, help="0 = the cores this process may use")
     export.add_argument("--json", action="store_true", help="print one JSON object")
     export.set_defaults(run=cmd_export)
 
@@ -572,21 +602,23 @@ def build_parser() -> argparse.ArgumentParser:
         "model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help=f"{MODEL_HELP} (default: {DEFAULT_MODEL})"
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--max-batch", type=positive_int, default=32, help="images per forward pass, at most")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill after its first")
+    serve.add_argument(
+        "--max-wait-ms", type=non_negative_float, default=5.0, help="how long a batch waits to fill after its first"
+    )
     serve.add_argument(
         "--max-queue", type=positive_int, default=64, help="requests in progress (upload to answer); more get 503"
     )
-    serve.add_argument("--max-upload-mb", type=float, default=32.0, help="largest upload accepted (413 above)")
+    serve.add_argument("--max-upload-mb", type=positive_float, default=32.0, help="largest upload accepted (413 above)")
     serve.add_argument("--max-pixels", type=positive_int, default=50_000_000, help="largest image (width x height)")
-    serve.add_argument("--decode-workers", type=int, default=0, help="images decoding at once; 0 = the cores")
+    serve.add_argument("--decode-workers", type=count_or_zero, default=0, help="images decoding at once; 0 = the cores")
     serve.add_argument(
-        "--body-timeout-s", type=float, default=30.0, help="an upload must arrive whole within this (408 after)"
+        "--body-timeout-s", type=positive_float, default=30.0, help="an upload must arrive whole in this (408 after)"
     )
     serve.add_argument("--max-connections", type=positive_int, default=512, help="open connections; more get 503")
     serve.add_argument("--keep-alive-s", type=positive_int, default=5, help="an idle connection closes after this")
-    serve.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+    serve.add_argument("--threads", type=count_or_zero, default=0, help="0 = the cores this process may use")
     serve.set_defaults(run=cmd_serve)
 
     download = commands.add_parser("download", help="fetch and verify CIFAR-10 (binary) or CIFAR-100 (Python) release")
@@ -609,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=positive_int, default=30, help="training batches per timed repeat")
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats after one warm-up; medians")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    bench.add_argument("--threads", type=int, default=0, help="0 = the cores this process may use")
+    bench.add_argument("--threads", type=count_or_zero, default=0, help="0 = the cores this process may use")
     bench.add_argument("--compile", action="store_true", help="torch.compile the model (compiled in the warm-up)")
     bench.add_argument("--preset", choices=tuple(PRESETS), default="seed", help="the recipe whose step is timed")
     bench.add_argument(

@@ -14,6 +14,7 @@ be read is listed and skipped (an error with `strict`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -120,7 +121,8 @@ def load_cache(path: Path, fits: Callable[[dict], bool]) -> dict | None:
             return None
     except Exception:  # missing, truncated, another format: all mean "prepare again"
         return None
-    os.utime(path)
+    with contextlib.suppress(OSError):  # a read-only cache directory: used as it is, just not marked
+        os.utime(path)
     return saved
 
 
