@@ -125,6 +125,22 @@ def test_a_data_dir_with_neither_cifar_nor_image_folders_says_what_it_expected(t
     assert "holds neither" not in str(empty.value)
 
 
+@pytest.mark.parametrize("where", ["photo.jpg", "cat/photo.jpg"])
+def test_a_folder_of_photos_in_another_layout_gets_no_cifar_download(tmp_path, monkeypatch, where):
+    """Photos directly in --data-dir, or in class folders without train/: the user meant their
+    images, so CIFAR-10 is not downloaded into their folder (and trained on) instead."""
+
+    def network_used(url, dest, progress):
+        raise AssertionError(f"downloaded {url} into {dest}")
+
+    monkeypatch.setattr(data, "_fetch", network_used)
+    photo = tmp_path / "photos" / where
+    photo.parent.mkdir(parents=True)
+    photo.write_bytes(b"")
+    with pytest.raises(MiniResNetError, match=r"holds image files but neither CIFAR-10 nor image folders laid out"):
+        data.load_dataset("cifar10", tmp_path / "photos", download=True, progress=False)
+
+
 def test_an_unexpected_os_error_is_one_line(tmp_path, capsys, monkeypatch):
     from miniresnet import cli
 

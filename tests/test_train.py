@@ -99,6 +99,9 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_can_start(tiny_data, 
     with pytest.raises(MiniResNetError):  # no data there: the new run cannot start
         train(tiny_config(tmp_path / "no-data", run, epochs=1, overwrite=True))
     assert {name: (run / name).read_bytes() for name in before} == before
+    with pytest.raises(MiniResNetError):  # nor does a fresh run that cannot start leave an empty directory
+        train(tiny_config(tmp_path / "no-data", tmp_path / "never", epochs=1))
+    assert not (tmp_path / "never").exists()
     train(tiny_config(tiny_data, run, epochs=1, overwrite=True))  # no validation split: no best.pt of its own
     assert not (run / "best.pt").exists() and not (run / "tensorboard").exists()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1

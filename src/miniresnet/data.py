@@ -9,6 +9,7 @@ later, on whole batches.
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 import tarfile
 import urllib.request
@@ -338,6 +339,20 @@ def holds_release(dataset: str, data_dir: str | Path) -> bool:
     return any((data_dir / f).is_dir() for f in folders) or (data_dir.name in folders and data_dir.is_dir())
 
 
+def holds_loose_images(data_dir: Path, looked_at: int = 1000) -> bool:
+    """Whether data_dir has image files in it or in a folder inside it (the first `looked_at`
+    entries of each), as a folder of photos not laid out as train/<class>/ has."""
+    from .images import IMAGE_SUFFIXES
+
+    def has_images(folder: Path) -> bool:
+        return any(f.suffix.lower() in IMAGE_SUFFIXES for f in itertools.islice(folder.iterdir(), looked_at))
+
+    if not data_dir.is_dir():
+        return False
+    folders = [d for d in itertools.islice(data_dir.iterdir(), looked_at) if d.is_dir() and not d.name.startswith(".")]
+    return has_images(data_dir) or any(has_images(folder) for folder in folders)
+
+
 def load_dataset(
     dataset: str,
     data_dir: str | Path,
@@ -352,6 +367,12 @@ def load_dataset(
         raise MiniResNetError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)} (or image folders)")
     data_dir = Path(data_dir)
     if download and not holds_release(dataset, data_dir):
+        if holds_loose_images(data_dir):  # someone's photos, not laid out as folders: no place for CIFAR
+            raise MiniResNetError(
+                f"{data_dir} holds image files but neither {RELEASES[dataset].name} nor image folders laid out as "
+                f"{data_dir}/train/<class>/<images>: arrange them so, or name a folder of class folders with "
+                "--train-folder; nothing was downloaded"
+            )
         try:
             download_release(RELEASES[dataset], data_dir, progress=progress)
         except MiniResNetError as e:

@@ -38,9 +38,9 @@ TENSORBOARD_DIR = "tensorboard"
 def open_run_dir(out: Path, epochs: int, resume: bool, overwrite: bool, is_main: bool = True) -> dict | None:
     """A fresh run goes into a new or empty directory, or replaces an earlier run with `overwrite`;
     any other directory is refused, so nothing of anyone else's is overwritten or deleted. The
-    earlier run's files stay until the new run has set itself up (clear_earlier_run): a run that
-    cannot start (no data, a bad teacher) loses nothing. A resumed run needs its checkpoint, which
-    is returned. Only the main process changes files."""
+    directory is made, or the earlier run's files removed, only once the new run has set itself up
+    (start_run_dir): a run that cannot start (no data, a bad teacher) changes nothing. A resumed
+    run needs its checkpoint, which is returned. Only the main process changes files."""
     if resume:
         if not (out / "last.pt").is_file():
             raise MiniResNetError(f"there is no run to resume in {out}: {out / 'last.pt'} does not exist")
@@ -63,14 +63,13 @@ def open_run_dir(out: Path, epochs: int, resume: bool, overwrite: bool, is_main:
             f"{out} already holds a run; choose another --out, pass --resume {out} to continue it, "
             "or --overwrite to replace it"
         )
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
     return None
 
 
-def clear_earlier_run(out: Path) -> None:
-    """Removes what an earlier run wrote in `out` (see open_run_dir), so that none of it is taken
-    for the new run's."""
+def start_run_dir(out: Path) -> None:
+    """Makes `out` for a fresh run, or removes what an earlier run wrote in it (see open_run_dir),
+    so that none of it is taken for the new run's."""
+    out.mkdir(parents=True, exist_ok=True)
     for stale in RUN_FILES:
         (out / stale).unlink(missing_ok=True)
     shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)

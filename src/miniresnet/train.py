@@ -51,8 +51,8 @@ from .muon import MuonSGD
 from .rundir import (
     StopSignals,
     TrainingInterrupted,
-    clear_earlier_run,
     open_run_dir,
+    start_run_dir,
     tensorboard_writer,
     write_json,
     write_metrics,
@@ -279,7 +279,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
         say(f"resuming {out} after epoch {saved['epoch']}" + (f", step {step}" if step else ""))
     graph_step = graph_step_for(cfg, model_to_train, optimizer, loss_fn, precision, ddp, device, say)  # after restore
     if not saved and ddp.is_main:
-        clear_earlier_run(out)  # only now, once the new run has its data, model and teacher
+        start_run_dir(out)  # only now, once the new run has its data, model and teacher
         resolved = {
             "device": str(device),
             "data": data.name,
