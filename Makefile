@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 DATA_DIR ?= data
+# Where pip finds torch's CPU build: empty uses pip's own configuration (on the project's machines, a
+# directory of wheels); elsewhere https://download.pytorch.org/whl/cpu, PyTorch's CPU-only index.
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 RUN_DIR ?= runs/seed-$(shell date +%Y%m%d-%H%M%S)
 
@@ -12,7 +15,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
