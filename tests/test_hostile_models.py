@@ -332,6 +332,21 @@ def test_a_text_file_given_as_a_model_is_named_as_such(tmp_path, content, kind):
     )
 
 
+@pytest.mark.parametrize("fmt, kind", [("JPEG", "a JPEG image"), ("PNG", "a PNG image"), ("WEBP", "a WebP image")])
+def test_an_image_given_as_the_model_is_named_as_such(tmp_path, capsys, fmt, kind):
+    """`predict cat.jpg cat.jpg` (the model left out): the image is named an image, not a corrupt checkpoint."""
+    from PIL import Image
+
+    from miniresnet.cli import main
+
+    image = tmp_path / "cat.img"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image, fmt)
+    assert main(["predict", str(image), str(image)]) == 1
+    err = capsys.readouterr().err
+    assert f"{image} is not a model file: it looks like {kind}; give a checkpoint" in err
+    assert err.rstrip().endswith("before the images")
+
+
 # Files the format's rules accept (named "valid...") or refuse, for both readers.
 CRAFTED = {
     "valid": safetensors_bytes({"a": TWO_FLOATS, "b": entry("I64", [1], 8, 16)}, some_bytes(16)),

@@ -344,10 +344,20 @@ def read_exported_model(path: str | Path) -> dict:
     }
 
 
-def text_kind(path: Path) -> str | None:
-    """'JSON' or 'text' when the file starts as text does (every model file is binary), else None."""
+# The first bytes of the image formats people most often give where a model goes (predict's order).
+IMAGE_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF"}
+IMAGE_SIGNATURES |= {b"II*\0": "TIFF", b"MM\0*": "TIFF"}
+
+
+def foreign_kind(path: Path) -> str | None:
+    """What a file that is no model file looks like, from its first bytes: "JSON", "text" or "a
+    JPEG image" (PNG, GIF, TIFF, WebP); None for anything else. Every model file is binary, and
+    starts as none of these."""
     with open(path, "rb") as f:
         start = f.read(4096)
+    image = next((fmt for magic, fmt in IMAGE_SIGNATURES.items() if start.startswith(magic)), None)
+    if image or (start[:4] == b"RIFF" and start[8:12] == b"WEBP"):
+        return f"a {image or 'WebP'} image"
     try:  # incrementally, so that a character cut in two at the end of `start` is no error
         text = codecs.getincrementaldecoder("utf-8")().decode(start).removeprefix("\ufeff")
     except UnicodeDecodeError:
@@ -362,12 +372,12 @@ def read_model(source: str | Path) -> dict:
     export or a shipped model's name (a file of that name wins)."""
     path = Path(source)
     if path.is_file():
-        kind = text_kind(path)
+        kind = foreign_kind(path)
         if kind:
             raise MiniResNetError(
                 f"{path} is not a model file: it looks like {kind}; give a checkpoint (.pt) from `miniresnet train`, "
                 "a safetensors export (`miniresnet export --format safetensors`) or a shipped model's name "
-                "(`miniresnet models` lists them)"
+                "(`miniresnet models` lists them)" + (" before the images" if kind.endswith("image") else "")
             )
         return read_exported_model(path) if looks_like_safetensors(path) else load_checkpoint(path)
     if path.is_dir():
