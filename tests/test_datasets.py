@@ -8,6 +8,8 @@ import dataclasses
 import json
 import os
 import pickle
+import re
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -224,6 +226,13 @@ def test_a_folder_trained_on_then_predicted_evaluated_exported_and_reported(tmp_
 
     assert main(["evaluate", str(run / "last.pt"), "--image-folder", str(tmp_path / "data" / "test"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["per_class"].keys() == {"blue", "green", "red"}
+    two_classes = tmp_path / "two"  # no blue images: blue has no accuracy, not 0%
+    shutil.copytree(tmp_path / "data" / "test", two_classes, ignore=shutil.ignore_patterns("blue"))
+    assert main(["evaluate", str(run / "last.pt"), "--image-folder", str(two_classes), "--json"]) == 0
+    per_class = json.loads(capsys.readouterr().out)["per_class"]
+    assert per_class["blue"] is None and 0 <= per_class["red"] <= 1
+    assert main(["evaluate", str(run / "last.pt"), "--image-folder", str(two_classes)]) == 0
+    assert re.search(r"\nblue +\(none\)\n", capsys.readouterr().out)
     # A CIFAR-10 test set is not this model's data: a clear error, not a confusion of 3 by 10 classes.
     cifar = make_dataset(tmp_path / "cifar")
     assert main(["evaluate", str(run / "last.pt"), "--data-dir", str(cifar), "--no-verify-data"]) == 1

@@ -193,7 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"expected calibration error {result['ece']:.2%} (15 bins; {calibrated})\n")
     print(f"{'class':<12}{'accuracy':>9}")
     for name, acc in result["per_class"].items():
-        print(f"{name:<12}{acc:>9.4f}")
+        print(f"{name:<12}{'(none)' if acc is None else format(acc, '.4f'):>9}")  # (none): no images of it
     print("\nconfusion matrix (rows: true class, columns: predicted)")
     print(" " * 12 + "".join(f"{c[:5]:>6}" for c in model.classes))
     for name, row in zip(model.classes, result["confusion"], strict=True):
@@ -357,11 +357,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         for card in cards.values():
             print(json.dumps(card))
         return 0
-    print(f"{'name':<6}{'test acc':>10}{'with TTA':>10}  {'TTA':<15}{'params':>9}  trained with")
+    width = max(len("name"), *map(len, cards)) + 2
+    print(f"{'name':<{width}}{'test acc':>8}{'with TTA':>10}  {'TTA':<15}{'params':>9}  trained with")
     for name, card in cards.items():
         acc = card["test_accuracy"]
         print(
-            f"{name:<6}{acc['plain']:>10.2%}{acc['tta']:>10.2%}  {acc['tta_mode']:<15}{card['parameters']:>9,}  "
+            f"{name:<{width}}{acc['plain']:>8.2%}{acc['tta']:>10.2%}  {acc['tta_mode']:<15}{card['parameters']:>9,}  "
             f"{card['command']}"
         )
     print("\nUse a name wherever a model file goes: miniresnet predict best cat.jpg; load_model('best').")

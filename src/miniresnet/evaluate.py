@@ -57,18 +57,20 @@ def classify(model: nn.Module, images: torch.Tensor, top_k: int = 3, **options) 
 
 def metrics(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], temperature: float = 1.0) -> dict:
     """Accuracy, mean loss, the expected calibration error (both of softmax(logits / temperature)),
-    per-class accuracy and the confusion matrix (rows: true class), as plain numbers (JSON-ready)."""
+    per-class accuracy (None for a class with no images) and the confusion matrix (rows: true
+    class), as plain numbers (JSON-ready)."""
     k = len(classes)
     pairs = labels.cpu() * k + logits.argmax(1)
     confusion = torch.bincount(pairs, minlength=k * k).view(k, k)
-    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    shown = confusion.sum(1).tolist()  # images of each class; a class with none has no accuracy (None)
+    per_class = [right / n if n else None for right, n in zip(confusion.diag().tolist(), shown, strict=True)]
     return {
         "accuracy": confusion.diag().sum().item() / len(labels),
         "loss": F.cross_entropy(logits / temperature, labels.cpu()).item(),
         "ece": calibration_error(logits, labels, temperature),
         "temperature": temperature,
         "n": len(labels),
-        "per_class": {c: round(v, 6) for c, v in zip(classes, per_class, strict=True)},
+        "per_class": {c: None if v is None else round(v, 6) for c, v in zip(classes, per_class, strict=True)},
         "confusion": confusion.tolist(),
     }
 

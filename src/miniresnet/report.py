@@ -53,12 +53,12 @@ def write_report(run_dir: str | Path) -> Path:
         ("curves.png", "Learning curves"),
         ("confusion.png", "Confusion matrix (test set)"),
         ("misclassified.png", "Most confident mistakes (test set)"),
-        ("reliability.png", "How far the probabilities can be trusted (test set, plain softmax)"),
+        ("reliability.png", "How far the probabilities can be trusted (test set, at the model's temperature)"),
     ):
         if (run_dir / name).exists():
             parts += [f"<h2>{title}</h2>", f'<img src="{name}" alt="{title}">']
     if test_eval:
-        rows = [[c, f"{100 * a:.2f}%"] for c, a in test_eval["per_class"].items()]
+        rows = [[c, "(no images)" if a is None else f"{100 * a:.2f}%"] for c, a in test_eval["per_class"].items()]
         parts += [f"<h2>Per-class test accuracy ({_e(test_eval['tta'])} TTA)</h2>", _table(["class", "accuracy"], rows)]
     if history:
         # the last epoch's columns first (it has every evaluation), then any only earlier epochs had
