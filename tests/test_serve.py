@@ -66,7 +66,9 @@ def test_predict_answers_as_the_cli_does_for_uploads_and_raw_bodies(model_file, 
         two = client.post(
             "/predict?top_k=2&image=true", content=image.read_bytes(), headers={"content-type": "image/png"}
         )
+        heads = [client.head(path).status_code for path in ("/healthz", "/metrics", "/")]
     assert raw.status_code == upload.status_code == two.status_code == 200
+    assert heads == [200, 200, 200]  # monitors probe with HEAD
     assert same_ranking(raw.json()["top_k"], expected) and same_ranking(upload.json()["top_k"], expected)
     assert same_ranking(two.json()["top_k"], expected[:2])
     seen = Image.open(io.BytesIO(base64.b64decode(two.json()["image"].split(",")[1])))

@@ -242,7 +242,11 @@ class Batcher:
 
 def page_html() -> str:
     """The page, naming the accepted formats from the one list that decides what is decoded."""
-    return PAGE.read_text().replace("{{FORMATS_TEXT}}", FORMATS_TEXT).replace("{{ACCEPT}}", ",".join(IMAGE_SUFFIXES))
+    return (
+        PAGE.read_text(encoding="utf-8")
+        .replace("{{FORMATS_TEXT}}", FORMATS_TEXT)
+        .replace("{{ACCEPT}}", ",".join(IMAGE_SUFFIXES))
+    )
 
 
 def prepared_png(image: torch.Tensor) -> str:
@@ -516,18 +520,19 @@ def create_app(config: ServeConfig, model: nn.Module | None = None) -> FastAPI:
             answer["image"] = prepared_png(prepared)
         return answer
 
-    @app.get("/healthz", summary="200 once the model is loaded")
+    # HEAD as well as GET: monitors probe with HEAD (FastAPI's @app.get answers it 405)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="200 once the model is loaded")
     async def healthz() -> Response:
         if "model" not in state:
             return JSONResponse({"status": "loading"}, status_code=503)
         model = state["model"]
         return JSONResponse({"status": "ok", "model": config.model, "classes": list(model.classes)})
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"], summary="Prometheus metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(page_html())
 
