@@ -253,6 +253,12 @@ HUB_SCRIPT = textwrap.dedent(
         sys.modules[blocked] = None
     model = torch.hub.load(sys.argv[1], "mini_resnet", source="local", pretrained=True)  # the default model
     untrained = torch.hub.load(sys.argv[1], "mini_resnet", source="local", num_classes=4)
+    for contradictory in (dict(pretrained=True, num_classes=100), dict(weights="seed")):
+        try:
+            torch.hub.load(sys.argv[1], "mini_resnet", source="local", **contradictory)
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted {contradictory}")
     torch.save(
         {"weights": model.state_dict(), "classes": list(model.classes), "mean": model.mean, "std": model.std,
          "training": model.training, "untrained_out": untrained.fc.out_features,
@@ -264,6 +270,7 @@ HUB_SCRIPT = textwrap.dedent(
 
 
 def test_torch_hub_loads_the_shipped_model_with_torch_alone(tmp_path):
+    (tmp_path / pretrained.DEFAULT_MODEL).mkdir()  # a folder of that name where it runs changes nothing
     subprocess.run([sys.executable, "-c", HUB_SCRIPT, str(ROOT), str(tmp_path / "hub.pt")], check=True, cwd=tmp_path)
     hub = torch.load(tmp_path / "hub.pt", weights_only=True)
     model = load_model(pretrained.DEFAULT_MODEL)
