@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -83,6 +86,37 @@ def test_report_shows_the_runs_figures_and_plots(trained, capsys):
 def test_report_of_a_directory_that_is_no_run(tmp_path, capsys):
     code, _, err = run_cli(capsys, "report", str(tmp_path))
     assert code == 1 and "not a training run directory: config.json is missing" in err
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("config.json", "[]", "config.json is not a run's JSON: an object was expected, not list"),
+        ("test_eval.json", '{"accuracy": 0.', "test_eval.json is not a run's JSON (Expecting"),
+        ("metrics.jsonl", '{"epoch": 1}\n7\n', "metrics.jsonl is not a run's JSON: an object was expected, not int"),
+        ("summary.json", b"\xff\xfe{}", "summary.json is not a run's JSON ('utf-8' codec can't decode"),
+    ],
+)
+def test_report_of_a_run_with_a_damaged_file_is_one_line(trained, tmp_path, capsys, name, content, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained[1], run)
+    (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, _, err = run_cli(capsys, "report", str(run))
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_class_names_in_any_script_and_with_dollars_reach_the_plots_and_the_page(tmp_path):
+    """report.html is UTF-8 whatever the locale (LC_ALL=C here); a $ in a class name is no math."""
+    script = (
+        "import sys; from pathlib import Path; from miniresnet.files import write_text_atomically; "
+        "from miniresnet.plots import plot_confusion; "
+        "plot_confusion([[1, 0], [0, 1]], ('$\\\\frac$', 'US$ and HK$'), Path(sys.argv[1]) / 'c.png'); "
+        "write_text_atomically(Path(sys.argv[1]) / 'p.html', 'caf\\u00e9 \\u732b')"  # escaped: an ASCII command line
+    )
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "p.html").read_text(encoding="utf-8") == "café 猫" and is_png(tmp_path / "c.png")
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "RGB", "CMYK", "I;16"])

@@ -93,7 +93,7 @@ def load_run_config(run_dir: str) -> TrainConfig:
 
     path = Path(run_dir) / "config.json"
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
+        return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise MiniResNetError(f"there is no run to resume in {run_dir}: {path} does not exist") from None
     except (json.JSONDecodeError, TypeError, AttributeError) as e:

@@ -70,7 +70,7 @@ def hexdigest(path: str | Path, algorithm: str) -> str:
 
 def write_text_atomically(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # whatever the locale: class names may be any script
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -15,6 +15,11 @@ from .files import atomic_path
 NO_MATPLOTLIB = "plots need matplotlib: pip install 'miniresnet[plots]'"
 
 
+def literal(text: str) -> str:
+    """`text` shown as it is: matplotlib reads a pair of $ as math (and fails on some of it)."""
+    return text.replace("$", r"\$")
+
+
 def have_matplotlib() -> bool:
     try:
         return importlib.import_module("matplotlib") is not None
@@ -63,8 +68,9 @@ def plot_confusion(confusion: list[list[int]], classes: tuple[str, ...], path: s
     fig, ax = plt.subplots(figsize=(side + 1, side))
     im = ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
     label_size = 10 if k <= 20 else 5
-    ax.set_xticks(range(k), classes, rotation=45 if k <= 20 else 90, ha="right", fontsize=label_size)
-    ax.set_yticks(range(k), classes, fontsize=label_size)
+    names = [literal(c) for c in classes]
+    ax.set_xticks(range(k), names, rotation=45 if k <= 20 else 90, ha="right", fontsize=label_size)
+    ax.set_yticks(range(k), names, fontsize=label_size)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     for i in range(k if k <= 20 else 0):  # numbers in the cells only while they fit
@@ -138,7 +144,8 @@ def plot_misclassified(
         ax.axis("off")
     for ax, i in zip(axes.flat, worst.tolist(), strict=False):
         ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"true {classes[labels[i]]}\npred {classes[predicted[i]]} {confidence[i]:.0%}", fontsize=8)
+        true, guess = literal(classes[labels[i]]), literal(classes[predicted[i]])
+        ax.set_title(f"true {true}\npred {guess} {confidence[i]:.0%}", fontsize=8)
     fig.suptitle(f"most confident mistakes ({len(wrong):,} wrong of {len(labels):,})", fontsize=10)
     return _save(fig, path)
 
@@ -153,7 +160,7 @@ def plot_evaluation(
     source: str,
 ) -> list[Path]:
     """An evaluation's three pictures: out_dir/confusion.png, misclassified.png and reliability.png."""
-    title = f"{source}: accuracy {result['accuracy']:.2%}"
+    title = f"{literal(source)}: accuracy {result['accuracy']:.2%}"
     return [
         plot_confusion(result["confusion"], classes, out_dir / "confusion.png", title),
         plot_misclassified(images, labels, logits, classes, out_dir / "misclassified.png"),

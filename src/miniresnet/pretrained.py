@@ -20,7 +20,7 @@ DEFAULT_MODEL = "best"  # what `serve` and torch.hub load when no model is named
 
 def shipped_cards() -> dict[str, dict]:
     """Every shipped model's card, by name, in name order."""
-    return {path.stem: json.loads(path.read_text()) for path in sorted(WEIGHTS_DIR.glob("*.json"))}
+    return {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in sorted(WEIGHTS_DIR.glob("*.json"))}
 
 
 def sha256_of(path: Path) -> str:

@@ -15,19 +15,34 @@ from .plots import NO_MATPLOTLIB, have_matplotlib, plot_confusion, plot_curves
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict], dict | None, dict | None]:
     """(config, metrics records, summary or None if unfinished, final test evaluation or None)."""
+    for required in ("config.json", "metrics.jsonl"):
+        if not (run_dir / required).is_file():
+            raise MiniResNetError(f"{run_dir} is not a training run directory: {required} is missing")
+    config = read_json_object(run_dir / "config.json")
+    history = [read_json_object(run_dir / "metrics.jsonl", line) for line in read_lines(run_dir / "metrics.jsonl")]
+    summary, test_eval = (
+        read_json_object(run_dir / name) if (run_dir / name).exists() else None
+        for name in ("summary.json", "test_eval.json")
+    )
+    return config, history, summary, test_eval
+
+
+def read_lines(path: Path) -> list[str]:
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    except FileNotFoundError as e:
-        missing = Path(e.filename).name
-        raise MiniResNetError(f"{run_dir} is not a training run directory: {missing} is missing") from None
-    except json.JSONDecodeError as e:
-        raise MiniResNetError(f"{run_dir}: a run file is not valid JSON ({e})") from None
-    optional = []
-    for name in ("summary.json", "test_eval.json"):
-        path = run_dir / name
-        optional.append(json.loads(path.read_text()) if path.exists() else None)
-    return config, history, optional[0], optional[1]
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, UnicodeDecodeError) as e:
+        raise MiniResNetError(f"{path} cannot be read ({e})") from None
+
+
+def read_json_object(path: Path, text: str | None = None) -> dict:
+    """A run file's JSON object (`text`: one line of it); anything else is a MiniResNetError."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8") if text is None else text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MiniResNetError(f"{path} is not a run's JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise MiniResNetError(f"{path} is not a run's JSON: an object was expected, not {type(value).__name__}")
+    return value
 
 
 def write_report(run_dir: str | Path) -> Path:
