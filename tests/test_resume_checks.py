@@ -117,3 +117,17 @@ def test_resume_keeps_the_run_where_it_is(tmp_path, capsys):
     args = build_parser().parse_args(["train", "--resume", str(run), "--out", f"{tmp_path}/./run/", "--threads", "1"])
     cfg = config_from_args(args)
     assert (cfg.out_dir, cfg.threads) == (str(run), 1)
+
+
+def test_a_resume_with_another_recipe_is_refused_naming_what_changed(tiny_data, tmp_path, capsys):
+    """Its config.json edited, or train() given another config: the run would go on as neither run."""
+    cfg = tiny_config(tiny_data, tmp_path / "run", epochs=2)
+    run = finished_but_for_its_results(cfg)
+    with pytest.raises(MiniResNetError, match=r"started with another recipe \(lr 0.003 -> 0.01\): resume it as it"):
+        train(dataclasses.replace(cfg, lr=0.01), resume=True)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "epochs": 5, "seed": 3}))
+    assert main(["train", "--resume", str(run)]) == 1
+    assert "another recipe (epochs 2 -> 5, seed 0 -> 3)" in capsys.readouterr().err
+    (run / "config.json").write_text(json.dumps(config))
+    train(dataclasses.replace(cfg, threads=1, quiet=False), resume=True)  # how the work is done may change

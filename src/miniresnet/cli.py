@@ -14,7 +14,7 @@ import sys
 import typing
 
 from . import __version__
-from .config import PRESETS, TTA_MODES, TrainConfig
+from .config import PRESETS, RESUMABLE_OVERRIDES, TTA_MODES, TrainConfig
 from .data import DATASETS, LABEL_KINDS
 from .errors import MiniResNetError
 from .pretrained import DEFAULT_MODEL
@@ -46,22 +46,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, *FLAG_ALIASES.get(f.name, []), dest=f.name, default=None, type=scalar, help=help_text, **extra
             )
-
-
-# What may differ when a run is resumed: where the data is and how the work is done, not what is computed.
-RESUMABLE_OVERRIDES = {
-    "data_dir",
-    "teacher",  # where the teacher lies now; a resume checks it is the same model (sha256)
-    "train_folder",
-    "test_folder",
-    "cache_dir",
-    "download",
-    "verify_data",
-    "device",
-    "threads",
-    "quiet",
-    "checkpoint_every",
-}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -4,12 +4,52 @@ The CLI is generated from these fields, so each option maps onto exactly one fie
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .runtime import PRECISIONS
 
 # Test-time augmentation: the views whose logits are averaged (see evaluate.views).
 TTA_MODES = ("none", "flip", "flip-translate")
+
+
+# What may differ when a run is resumed: where the data is and how the work is done, not what is computed.
+RESUMABLE_OVERRIDES = {
+    "data_dir",
+    "teacher",  # where the teacher lies now; a resume checks it is the same model (sha256)
+    "train_folder",
+    "test_folder",
+    "cache_dir",
+    "download",
+    "verify_data",
+    "device",
+    "threads",
+    "quiet",
+    "checkpoint_every",
+}
+
+
+# What each type of field must hold, as the error says it.
+TYPE_NAMES = {
+    "bool": "true or false",
+    "int": "a whole number",
+    "float": "a finite number",
+    "str": "a string",
+    "tuple[int, ...]": "a list of whole numbers",
+}
+
+
+def has_type(value, kind: str) -> bool:
+    """Whether `value` is of the field type named `kind` (a bool is not a number here)."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("tuple"):
+        return isinstance(value, tuple | list) and all(has_type(v, "int") for v in value)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == "int" else isinstance(value, int | float) and math.isfinite(value)
 
 
 def _opt(default, help: str, **kw):
@@ -197,7 +237,11 @@ class TrainConfig:
 
     def validate(self, train_size: int | None = None) -> None:
         """Refuse values that cannot work, with the reason, before any work is done."""
-        problems = []
+        from .errors import MiniResNetError
+
+        problems = self.type_problems()
+        if problems:  # the checks below compare numbers and names: they need the right types first
+            raise MiniResNetError("invalid configuration: " + "; ".join(problems))
         for name in ("epochs", "batch_size", "lr_step_epochs", "blocks_per_stage", "eval_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -274,10 +318,51 @@ class TrainConfig:
                 problems.append(
                     f"batch_size {self.batch_size} is larger than the {train_size - self.val_split} training images"
                 )
+        if not 0 < self.lr_step_factor:
+            problems.append(f"lr_step_factor must be positive, got {self.lr_step_factor}")
+        if self.warmup and self.schedule != "linear":
+            problems.append("warmup belongs to the linear schedule: add --schedule linear, or drop --warmup")
+        if self.labels != "fine" and self.dataset != "cifar100":
+            problems.append(f"labels {self.labels!r} chooses CIFAR-100's label set: it needs --dataset cifar100")
+        if self.alternate_flip and not self.flip:
+            problems.append("alternate_flip chooses how images are flipped: it needs flipping on (drop --no-flip)")
+        if self.optimizer == "muon" and (self.freeze_epochs or self.freeze_norm):
+            problems.append(
+                "muon holds each filter bank at a fixed norm, so its first step rescales a trained model's filters, "
+                "frozen or not: fine-tune with --optimizer sgd or adam"
+            )
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be between 0 and 2**32 - 1, got {self.seed}")
+        problems += self.architecture_problems()
         if problems:
-            from .errors import MiniResNetError
-
             raise MiniResNetError("invalid configuration: " + "; ".join(problems))
+
+    def type_problems(self) -> list[str]:
+        """Each field's value against its type and, where it has them, its choices: a config.json
+        edited by hand or a TrainConfig built in Python gets no check from the command line's parser
+        (a string "false" is true, an unknown optimizer name would quietly train another)."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not has_type(value, f.type):
+                problems.append(f"{f.name} must be {TYPE_NAMES[f.type]}, got {value!r}")
+            elif "choices" in f.metadata and value not in f.metadata["choices"]:
+                problems.append(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        return problems
+
+    def architecture_problems(self) -> list[str]:
+        """The bounds every model file is checked against (checkpoint.py), applied before training:
+        a run must not train for hours a model that nothing can load."""
+        from .checkpoint import MAX_BLOCKS_PER_STAGE, MAX_STAGES, MAX_WIDTH
+
+        problems = []
+        if not 1 <= len(self.widths) <= MAX_STAGES or max(self.widths, default=0) > MAX_WIDTH:
+            problems.append(
+                f"widths must be 1 to {MAX_STAGES} stages of at most {MAX_WIDTH} channels, got {self.widths}"
+            )
+        if self.blocks_per_stage > MAX_BLOCKS_PER_STAGE:
+            problems.append(f"blocks_per_stage must be at most {MAX_BLOCKS_PER_STAGE}, got {self.blocks_per_stage}")
+        return problems
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

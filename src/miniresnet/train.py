@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
 import sys
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from .augment import channel_stats, normalize
 from .calibration import calibration_error, fit_temperature
 from .checkpoint import restore_training, save_checkpoint, training_checkpoint
-from .config import TrainConfig
+from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .data import ImageSet, load_dataset
 from .distributed import Distributed, init_distributed, shutdown_distributed, sync_batchnorm
 from .ema import EMA
@@ -209,6 +210,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     torch.manual_seed(cfg.seed)
 
     # The data, the model and what trains it.
+    if saved:
+        refuse_another_recipe(saved, cfg, out)
     data = prepare_data(cfg)
     if saved:  # before the model is shaped by the data: a resume on other data stops here, with the reason
         note = check_resumed_data(saved, data, cfg, out)
@@ -499,6 +502,22 @@ def data_fingerprint(data: ImageSet) -> str:
         digest.update(f"{tuple(tensor.shape)} {tensor.dtype}\n".encode())
         digest.update(tensor.contiguous().numpy())
     return digest.hexdigest()
+
+
+def refuse_another_recipe(saved: dict, cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume with another recipe than the run started with (its config.json edited, or
+    train(cfg, resume=True) given another cfg): it would carry on as neither run, without a word.
+    Where the data and the teacher lie and how the machine works may change (RESUMABLE_OVERRIDES).
+    A field the checkpoint does not record (an option added since it was written) is not compared."""
+    started = json.loads(json.dumps(saved.get("config") or {}))
+    now = json.loads(json.dumps(cfg.to_dict()))
+    allowed = RESUMABLE_OVERRIDES | {"out_dir", "overwrite"}
+    changed = sorted(k for k in started.keys() & now.keys() if k not in allowed and started[k] != now[k])
+    if changed:
+        what = ", ".join(f"{k} {started[k]!r} -> {now[k]!r}" for k in changed)
+        raise MiniResNetError(
+            f"the run in {out} started with another recipe ({what}): resume it as it started, or start a new run"
+        )
 
 
 def check_resumed_data(saved: dict, data: TrainingData, cfg: TrainConfig, out: Path) -> str | None:
