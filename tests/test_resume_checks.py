@@ -131,3 +131,14 @@ def test_a_resume_with_another_recipe_is_refused_naming_what_changed(tiny_data, 
     assert "another recipe (epochs 2 -> 5, seed 0 -> 3)" in capsys.readouterr().err
     (run / "config.json").write_text(json.dumps(config))
     train(dataclasses.replace(cfg, threads=1, quiet=False), resume=True)  # how the work is done may change
+
+
+def test_a_resume_in_another_precision_says_so(tiny_data, tmp_path, capsys):
+    cfg = tiny_config(tiny_data, tmp_path / "run", epochs=1, quiet=False)
+    run = finished_but_for_its_results(cfg)
+    config = json.loads((run / "config.json").read_text())
+    config["resolved"]["precision"] = "fp16"  # as if it started on a GPU
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    train(cfg, resume=True)
+    assert "started in fp16 with 1 process(es) and continues in" in capsys.readouterr().err

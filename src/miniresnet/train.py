@@ -212,6 +212,9 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
     # The data, the model and what trains it.
     if saved:
         refuse_another_recipe(saved, cfg, out)
+        note = how_the_work_changed(out, precision.name, ddp.world_size)
+        if note:
+            say(note)
     data = prepare_data(cfg)
     if saved:  # before the model is shaped by the data: a resume on other data stops here, with the reason
         note = check_resumed_data(saved, data, cfg, out)
@@ -518,6 +521,23 @@ def refuse_another_recipe(saved: dict, cfg: TrainConfig, out: Path) -> None:
         raise MiniResNetError(
             f"the run in {out} started with another recipe ({what}): resume it as it started, or start a new run"
         )
+
+
+def how_the_work_changed(out: Path, precision: str, processes: int) -> str | None:
+    """A note when a resumed run computes in another precision (`auto` on another machine, or
+    --device changed) or with another number of processes (BatchNorm's batches) than it started
+    with, as its config.json records: it goes on, but not as the unbroken run would have."""
+    try:
+        started = json.loads((out / "config.json").read_text(encoding="utf-8"))["resolved"]
+        before = (started["precision"], started["processes"])
+    except (OSError, ValueError, KeyError, TypeError):  # no record to compare with: nothing to say
+        return None
+    if before == (precision, processes):
+        return None
+    return (
+        f"note: the run in {out} started in {before[0]} with {before[1]} process(es) and continues in {precision} "
+        f"with {processes}: it will not end exactly where an unbroken run would have"
+    )
 
 
 def check_resumed_data(saved: dict, data: TrainingData, cfg: TrainConfig, out: Path) -> str | None:
