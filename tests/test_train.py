@@ -138,7 +138,8 @@ def test_invalid_values_are_refused(tiny_data, tmp_path, overrides, message):
 
 
 def test_diverging_loss_stops_with_advice(tiny_data, tmp_path):
-    with pytest.raises(MiniResNetError, match=r"loss became nan at step \d+ of epoch 1 .*Lower --lr"):
+    advice = r"Lower --lr or add a warm-up \(--schedule linear --warmup 0.1\)"  # the seed recipe's schedule is step
+    with pytest.raises(MiniResNetError, match=r"loss became nan at step \d+ of epoch 1 .*" + advice):
         train(tiny_config(tiny_data, tmp_path / "run", epochs=1, lr=1e30))
 
 

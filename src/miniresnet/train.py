@@ -358,6 +358,7 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
             loader.resize_to = cfg.downscale_size if epoch < cfg.downscale_epochs else None
             epoch_start = time.perf_counter()
             tally = progress.tally  # from a mid-epoch checkpoint, or a fresh one
+            first_step = tally.step  # 0, or where a resumed epoch picks up
             steps = train_steps(
                 model_to_train,
                 optimizer,
@@ -387,7 +388,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                 lr = lr_at_step(epoch * len(loader) + e.step - 1)
                 kept = f"; the last good checkpoint is {out / 'last.pt'}" if (out / "last.pt").exists() else ""
                 raise MiniResNetError(
-                    f"{e} of epoch {epoch + 1} (lr {lr:.3g}, {precision.name}). Lower --lr or add --warmup"
+                    f"{e} of epoch {epoch + 1} (lr {lr:.3g}, {precision.name}). Lower --lr or add a warm-up"
+                    + (" (--warmup)" if cfg.schedule == "linear" else " (--schedule linear --warmup 0.1)")
                     + (", or use --precision fp32" if precision.name not in ("fp32", "fp64") else "")
                     + kept
                 ) from None
@@ -409,7 +411,8 @@ def run_training(cfg: TrainConfig, resume: bool, ddp: Distributed, device: torch
                     record |= calibration_record(plain_logits["test"], data.eval_sets["test"][1], progress.temperature)
             record["seconds"] = time.perf_counter() - epoch_start
             record["elapsed"] = progress.earlier_seconds + time.perf_counter() - started
-            record["images_per_sec"] = loader.images_per_epoch / train_seconds
+            trained_share = (len(loader) - first_step) / len(loader)  # a resumed epoch timed only its own steps
+            record["images_per_sec"] = loader.images_per_epoch * trained_share / train_seconds
             progress.history.append(record)
             improved = record.get("val_acc", -1.0) > progress.best_val
             progress.best_val = max(progress.best_val, record.get("val_acc", progress.best_val))
