@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,20 +89,27 @@ def test_a_run_fits_its_temperature_on_validation_and_every_answer_uses_it(tiny_
     assert run_result["ece"] == pytest.approx(summary["test_ece_calibrated"], abs=1e-12)
 
 
-def test_best_pt_carries_the_temperature_of_its_own_epoch(tiny_data, tmp_path):
-    """best.pt may come from an earlier epoch than last.pt (here epoch 2 of 3, seed 0): each file's
-    temperature is the one fitted on the validation split for its own weights."""
+def held_out_logits(model_file: Path, data_dir: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A model file's float64 logits on the last 50 of the tiny data's 200 training images (the
+    ones `--val-split 50` holds out), with their labels and the model."""
     from miniresnet.data import load_dataset
     from miniresnet.runtime import model_in_precision, resolve_precision
 
+    data = load_dataset("cifar10", data_dir, verify=False)
+    fp64 = resolve_precision("fp64", torch.device("cpu"))
+    model = model_in_precision(load_model(model_file), fp64, memory_format=torch.channels_last)
+    logits = predict_logits(model, data.train_images[150:], model.mean, model.std, precision=fp64)
+    return model, logits, data.train_labels[150:]
+
+
+def test_best_pt_carries_the_temperature_of_its_own_epoch(tiny_data, tmp_path):
+    """best.pt may come from an earlier epoch than last.pt (here epoch 2 of 3, seed 0): each file's
+    temperature is the one fitted on the validation split for its own weights."""
     run = tmp_path / "run"
     train(tiny_config(tiny_data, run, epochs=3, val_split=50, precision="fp64", eval_every=1, seed=0))
-    data = load_dataset("cifar10", tiny_data, verify=False)
-    fp64 = resolve_precision("fp64", torch.device("cpu"))
     for name in ("best.pt", "last.pt"):
-        model = model_in_precision(load_model(run / name), fp64, memory_format=torch.channels_last)
-        logits = predict_logits(model, data.train_images[150:], model.mean, model.std, precision=fp64)
-        assert model.temperature == pytest.approx(fit_temperature(logits, data.train_labels[150:]), rel=1e-5), name
+        model, logits, labels = held_out_logits(run / name, tiny_data)
+        assert model.temperature == pytest.approx(fit_temperature(logits, labels), rel=1e-5), name
 
 
 def test_a_validation_split_with_no_errors_gives_no_temperature():
@@ -154,9 +162,7 @@ def test_evaluate_on_the_validation_split_a_run_held_out(tiny_data, tmp_path, ca
     """`evaluate --val-split N` scores the model on the last N training images, the ones `train
     --val-split N` held out (and fitted its temperature on), and says when the model file records
     another split or none."""
-    from miniresnet.data import load_dataset
     from miniresnet.evaluate import metrics
-    from miniresnet.runtime import model_in_precision, resolve_precision
 
     run = tmp_path / "run"
     train(tiny_config(tiny_data, run, epochs=1, val_split=50))
@@ -166,11 +172,8 @@ def test_evaluate_on_the_validation_split_a_run_held_out(tiny_data, tmp_path, ca
     result = json.loads(captured.out)
     assert result["source"] == "CIFAR-10 validation split (training images 151-200)"
     assert "note:" not in captured.err
-    data = load_dataset("cifar10", tiny_data, verify=False)
-    fp64 = resolve_precision("fp64", torch.device("cpu"))
-    model = model_in_precision(load_model(run / "last.pt"), fp64, memory_format=torch.channels_last)
-    logits = predict_logits(model, data.train_images[150:], model.mean, model.std, precision=fp64)
-    expected = metrics(logits, data.train_labels[150:], model.classes, model.temperature)
+    model, logits, labels = held_out_logits(run / "last.pt", tiny_data)
+    expected = metrics(logits, labels, model.classes, model.temperature)
     assert result["n"] == 50 and result["confusion"] == expected["confusion"]
     assert result["accuracy"] == expected["accuracy"]
 
