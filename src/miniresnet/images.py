@@ -172,7 +172,7 @@ def eight_bit_grey(image):
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image
     full = 1.0 if image.mode == "F" else 65535.0
-    pixels = np.asarray(image, dtype=np.float64)
+    pixels = np.asarray(image, dtype=np.float32)  # half float64's memory; x / 257 is never near a .5 to round
     if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > full:
         values = "floating-point greyscale outside 0-1" if full == 1.0 else "32-bit greyscale outside 0-65,535"
         raise PixelsOutOfRange(f"{values} (or not finite): save the image as 8- or 16-bit")
